@@ -1,0 +1,199 @@
+"""The `numpy-gpt2` command line: generate, tokenize, info.
+
+Every known error (GPT2Error, OSError, a bad flag) becomes one line on stderr and a non-zero
+exit; anything else is a bug and keeps its traceback.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from .errors import GPT2Error
+
+_PRESET_NAMES = "gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr, not usage text plus the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, found {text}")
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, found {text}")
+    return value
+
+
+def _temperature(text):
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, found {text}")
+    return value
+
+
+def _top_p(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], found {text}")
+    return value
+
+
+for _f, _name in ((_positive_int, "positive integer"), (_non_negative_int, "integer >= 0"),
+                  (_temperature, "temperature"), (_top_p, "top-p")):
+    _f.__name__ = _name  # argparse names the type in its "invalid ... value" message
+
+
+def _add_model_args(parser):
+    parser.add_argument("--model", default="gpt2",
+                        help="a directory (config.json + model.safetensors, or OpenAI's "
+                             "hparams.json + model.ckpt.*), a .safetensors file, or a name "
+                             f"({_PRESET_NAMES}) found in weights/NAME/ or the Hugging Face "
+                             "cache (default: gpt2)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="compute dtype (default: float32)")
+    parser.add_argument("--n-head", type=_positive_int, default=None,
+                        help="number of heads, for a bare .safetensors file of no preset size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="numpy-gpt2", description="GPT-2 inference in plain NumPy.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="continue a prompt",
+                         description="Continue PROMPT (or standard input) with GPT-2.")
+    gen.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
+    _add_model_args(gen)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=50, help="default: 50")
+    gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    gen.add_argument("--temperature", type=_temperature, default=1.0, help="default: 1.0")
+    gen.add_argument("--top-k", type=_non_negative_int, default=50, help="default: 50; 0 disables")
+    gen.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling, in (0, 1]")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
+    gen.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                     help="stop once the generated text contains TEXT (repeatable)")
+    gen.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
+    stream = gen.add_mutually_exclusive_group()
+    stream.add_argument("--stream", dest="stream", action="store_true", default=None,
+                        help="print tokens as they come (default on a terminal)")
+    stream.add_argument("--no-stream", dest="stream", action="store_false",
+                        help="print the text once it is complete")
+
+    tok = sub.add_parser("tokenize", help="print the token ids of a text",
+                         description="Print the GPT-2 token ids of TEXT (or standard input), "
+                                     "one per line with its piece.")
+    tok.add_argument("text", nargs="?", help="the text; read from stdin when omitted")
+    tok.add_argument("--model", default=None, help="a model directory with its own vocab.json + merges.txt")
+    tok.add_argument("--ids-only", action="store_true", help="print only the ids, space-separated")
+
+    info = sub.add_parser("info", help="describe a checkpoint")
+    _add_model_args(info)
+    return parser
+
+
+def _read_text(arg, what):
+    if arg is not None:
+        return arg
+    if sys.stdin is None or sys.stdin.isatty():
+        raise GPT2Error(f"no {what}: give it as an argument or on standard input")
+    return sys.stdin.read()
+
+
+def _cmd_generate(args):
+    from .model import GPT2
+    from .tokenizer import Tokenizer
+
+    prompt = _read_text(args.prompt, "prompt")
+    if not prompt.strip():
+        raise GPT2Error("the prompt is empty")
+    model = GPT2.from_pretrained(args.model, dtype=args.dtype, n_head=args.n_head)
+    tokenizer = Tokenizer.from_pretrained(model.path)
+    ids = tokenizer.encode(prompt)
+    if max(ids) >= model.config.vocab_size:
+        raise GPT2Error(f"the prompt has token {max(ids)}, outside the model's vocabulary of {model.config.vocab_size}")
+    options = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
+    )
+    if args.no_eos:
+        options["eos_token_id"] = None
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+    from .generate import stream_text
+
+    pieces = stream_text(model, tokenizer, np.array(ids), **options)
+    sys.stdout.write(prompt)
+    if stream:
+        sys.stdout.flush()
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write("".join(pieces))
+    sys.stdout.write("\n")
+
+
+def _cmd_tokenize(args):
+    from .tokenizer import Tokenizer
+
+    text = _read_text(args.text, "text")
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    ids = tokenizer.encode(text)
+    if args.ids_only:
+        print(" ".join(map(str, ids)))
+        return
+    for i, piece in zip(ids, tokenizer.pieces(ids)):
+        print(f"{i}\t{piece!r}")
+
+
+def _cmd_info(args):
+    from .model import GPT2
+
+    model = GPT2.from_pretrained(args.model, dtype=args.dtype, n_head=args.n_head)
+    c = model.config
+    size = os.path.getsize(model.path) if os.path.isfile(model.path) else None
+    lines = [
+        ("file", model.path + (f" ({size / 2**20:.1f} MiB)" if size else "")),
+        ("parameters", f"{model.num_parameters():,}"),
+        ("dtype", str(model.dtype)),
+        ("vocab_size", c.vocab_size), ("n_positions", c.n_positions), ("n_embd", c.n_embd),
+        ("n_layer", c.n_layer), ("n_head", c.n_head), ("n_inner", c.inner_dim),
+        ("layer_norm_epsilon", c.layer_norm_epsilon), ("activation_function", c.activation_function),
+    ]
+    for key, value in lines:
+        print(f"{key:20} {value}")
+
+
+_COMMANDS = {"generate": _cmd_generate, "tokenize": _cmd_tokenize, "info": _cmd_info}
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        _COMMANDS[args.command](args)
+    except (GPT2Error, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            # The reader went away (`| head`): stop quietly, as other Unix tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        print(f"numpy-gpt2: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("numpy-gpt2: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

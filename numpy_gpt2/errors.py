@@ -1,0 +1,25 @@
+"""The exceptions numpy-gpt2 raises for bad input.
+
+Every message names the thing that is wrong: the file, the tensor, the argument, and what was
+expected against what was found. `cli.py` turns these (and `OSError`) into one line on stderr.
+"""
+
+
+class GPT2Error(ValueError):
+    """Base class: bad input to numpy-gpt2 (a file, a config, an argument)."""
+
+
+class ConfigError(GPT2Error):
+    """A config.json / hparams.json that is malformed or asks for something unsupported."""
+
+
+class CheckpointError(GPT2Error):
+    """A weight file that is missing a tensor, has a wrong shape or dtype, or is corrupt."""
+
+
+class ModelNotFoundError(GPT2Error):
+    """A model name or path that resolves to no checkpoint on disk."""
+
+
+class TokenizerError(GPT2Error):
+    """Tokenizer files that are missing, corrupt or inconsistent."""

@@ -1,0 +1,291 @@
+"""GPT2: the parameters, the forward pass and the KV cache.
+
+Shapes: B batch, T new positions, S positions in the cache (past + new), C n_embd, H heads,
+D head size, F MLP width, V vocab, L layers, P n_positions.
+
+Parameters keep the checkpoint's names (`wte`, `wpe`, `h[i].ln_1`, `h[i].attn.c_attn`, ...),
+so a tensor in the file can be followed to its use here.
+"""
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+
+from . import kernels
+from .config import GPT2Config
+from .errors import GPT2Error
+from .ops import linear
+from .weights import Checkpoint, load_checkpoint
+from .weights.resolve import resolve_model
+
+DTYPES = ("float32", "float64")
+
+
+@dataclasses.dataclass
+class Linear:
+    """GPT-2's 'Conv1D': weight [in, out], bias [out]; y = x @ weight + bias."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+@dataclasses.dataclass
+class LayerNorm:
+    """Per-channel scale `weight` [C] and shift `bias` [C] applied after normalising."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+@dataclasses.dataclass
+class Attention:
+    c_attn: Linear  # [C, 3C]: x -> q, k, v side by side
+    c_proj: Linear  # [C, C]: concatenated heads -> residual stream
+
+
+@dataclasses.dataclass
+class MLP:
+    c_fc: Linear    # [C, F]
+    c_proj: Linear  # [F, C]
+
+
+@dataclasses.dataclass
+class Block:
+    ln_1: LayerNorm
+    attn: Attention
+    ln_2: LayerNorm
+    mlp: MLP
+
+
+class KVCache:
+    """Keys and values of every layer for positions already seen, allocated once.
+
+    k, v: [L, B, H, capacity, D]; key_mask: [B, capacity], False where a position is padding;
+    `length` positions are filled. A forward pass with the cache appends its T positions.
+    """
+
+    def __init__(self, config: GPT2Config, batch_size: int, capacity: int, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, capacity, config.head_dim)
+        self.k = np.zeros(shape, dtype=dtype)
+        self.v = np.zeros(shape, dtype=dtype)
+        self.key_mask = np.ones((batch_size, capacity), dtype=bool)
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+
+class GPT2:
+    """A GPT-2 language model in NumPy.
+
+    Build it with `GPT2.from_pretrained(name_or_path)`; call it on token ids to get logits.
+    `dtype` is "float32" (the default, what the checkpoints hold) or "float64" (reference
+    precision: every activation and weight in double).
+    """
+
+    def __init__(self, config: GPT2Config, tensors: dict, dtype="float32", path: str | None = None):
+        """`tensors` maps official names (see `weights`) to arrays already in `dtype`."""
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        self.path = path
+        t = tensors
+        self.wte = t["wte.weight"]  # [V, C], also the output head (tied)
+        self.wpe = t["wpe.weight"]  # [P, C]
+        self.h = [
+            Block(
+                ln_1=LayerNorm(t[f"h.{i}.ln_1.weight"], t[f"h.{i}.ln_1.bias"]),
+                attn=Attention(
+                    c_attn=Linear(t[f"h.{i}.attn.c_attn.weight"], t[f"h.{i}.attn.c_attn.bias"]),
+                    c_proj=Linear(t[f"h.{i}.attn.c_proj.weight"], t[f"h.{i}.attn.c_proj.bias"]),
+                ),
+                ln_2=LayerNorm(t[f"h.{i}.ln_2.weight"], t[f"h.{i}.ln_2.bias"]),
+                mlp=MLP(
+                    c_fc=Linear(t[f"h.{i}.mlp.c_fc.weight"], t[f"h.{i}.mlp.c_fc.bias"]),
+                    c_proj=Linear(t[f"h.{i}.mlp.c_proj.weight"], t[f"h.{i}.mlp.c_proj.bias"]),
+                ),
+            )
+            for i in range(config.n_layer)
+        ]
+        self.ln_f = LayerNorm(t["ln_f.weight"], t["ln_f.bias"])
+        # The factor on q.k per layer: 1/sqrt(D), and 1/(layer+1) on top when configured.
+        self.attn_scales = [
+            (1 / math.sqrt(config.head_dim) if config.scale_attn_weights else 1.0)
+            / (i + 1 if config.scale_attn_by_inverse_layer_idx else 1)
+            for i in range(config.n_layer)
+        ]
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype="float32", n_head: int | None = None):
+        """Load a checkpoint: a directory, a .safetensors file, or a name such as "gpt2".
+
+        Names are looked up in ./weights/NAME/ and the Hugging Face cache (see
+        `weights.resolve`). float32 weights are memory-mapped, not copied; `n_head` is needed
+        only for a bare .safetensors file of a size that matches no preset.
+        """
+        return cls.from_checkpoint(load_checkpoint(resolve_model(name_or_path), n_head=n_head), dtype)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype="float32"):
+        """Build from a validated `weights.Checkpoint`, converting to `dtype` only when needed."""
+        if str(dtype) not in DTYPES:
+            raise GPT2Error(f"dtype must be one of {', '.join(DTYPES)}, found {dtype!r}")
+        tensors = {name: checkpoint.array(name, dtype) for name in checkpoint.tensors}
+        return cls(checkpoint.config, tensors, dtype, checkpoint.path)
+
+    def num_parameters(self) -> int:
+        """The number of parameters (the tied head counted once)."""
+        arrays = [self.wte, self.wpe, self.ln_f.weight, self.ln_f.bias]
+        for block in self.h:
+            arrays += [block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias]
+            for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                arrays += [lin.weight, lin.bias]
+        return sum(a.size for a in arrays)
+
+    def new_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` rows and up to `capacity` (default P) positions."""
+        capacity = self.config.n_positions if capacity is None else capacity
+        if not 1 <= capacity <= self.config.n_positions:
+            raise GPT2Error(f"cache capacity must be in 1..{self.config.n_positions}, found {capacity}")
+        return KVCache(self.config, batch_size, capacity, self.dtype)
+
+    # ---- the forward pass ---------------------------------------------------------------
+
+    def __call__(self, input_ids, **kwargs):
+        """Same as `forward`."""
+        return self.forward(input_ids, **kwargs)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                logits_to_keep: int = 0):
+        """Token ids -> next-token logits.
+
+        input_ids: (T,) or (B, T) integers in [0, V)
+        attention_mask: (B, S) of 0/1 over the cached and new positions (S = cache.length + T),
+            0 for padding; None means no padding
+        position_ids: (B, T); by default counted from the mask (padding does not advance it)
+        cache: a `KVCache` to read past positions from and append these T to; None runs
+            without one
+        logits_to_keep: return logits for the last this-many positions only; 0 keeps all
+        -> logits (B, T or logits_to_keep, V) in the model's dtype
+        """
+        ids = self._check_ids(input_ids)
+        B, T = ids.shape
+        if cache is None:
+            if T > self.config.n_positions:
+                raise GPT2Error(f"input_ids has {T} positions, more than n_positions={self.config.n_positions}")
+            cache = self.new_cache(B, T)
+        elif cache.batch_size != B:
+            raise GPT2Error(f"cache holds batch size {cache.batch_size}, input_ids has {B}")
+        start = cache.length
+        if start + T > cache.capacity:
+            raise GPT2Error(
+                f"input of {T} positions after {start} cached ones exceeds the cache capacity "
+                f"{cache.capacity} (n_positions={self.config.n_positions})"
+            )
+        self._set_mask(cache, attention_mask, start, T)
+        positions = self._positions(cache, position_ids, start, T)
+
+        x = self.wte[ids] + self.wpe[positions]                                    # [B, T, C]
+        for layer, block in enumerate(self.h):
+            x = x + self._attention(layer, block.attn, self._norm(x, block.ln_1), cache)
+            x = x + self._mlp(block.mlp, self._norm(x, block.ln_2))
+        cache.length = start + T
+        x = self._norm(x, self.ln_f)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return x @ self.wte.T                                                       # [B, T, V]
+
+    def _norm(self, x, ln: LayerNorm):
+        return kernels.layer_norm(x, ln.weight, ln.bias, self.config.layer_norm_epsilon)
+
+    def _attention(self, layer: int, attn: Attention, x, cache: KVCache):
+        """x: [B, T, C] -> [B, T, C]: causal self-attention, new keys/values appended to cache."""
+        B, T, C = x.shape
+        H, D = self.config.n_head, self.config.head_dim
+        qkv = linear(x, attn.c_attn.weight, attn.c_attn.bias).reshape(B, T, 3, H, D)
+        start, end = cache.length, cache.length + T
+        cache.k[layer, :, :, start:end] = qkv[:, :, 1].transpose(0, 2, 1, 3)      # [B, H, T, D]
+        cache.v[layer, :, :, start:end] = qkv[:, :, 2].transpose(0, 2, 1, 3)
+        heads = kernels.causal_attention(
+            qkv[:, :, 0], cache.k[layer, :, :, :end], cache.v[layer, :, :, :end],
+            cache.key_mask[:, :end], start, self.attn_scales[layer])              # [B, T, C]
+        return linear(heads, attn.c_proj.weight, attn.c_proj.bias)
+
+    def _mlp(self, mlp: MLP, x):
+        """x: [B, T, C] -> [B, T, C]: widen to F, tanh-GELU, project back."""
+        return linear(kernels.gelu_tanh(linear(x, mlp.c_fc.weight, mlp.c_fc.bias)),
+                      mlp.c_proj.weight, mlp.c_proj.bias)
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def generate(self, input_ids, max_new_tokens: int = 50, **kwargs) -> np.ndarray:
+        """Generate after each prompt -> (B, T + new) int64; see `numpy_gpt2.generate.generate`.
+
+        Keywords: do_sample, temperature, top_k, top_p, seed, eos_token_id, attention_mask,
+        stop_strings, tokenizer, pad_token_id, as in Hugging Face's `generate`.
+        """
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def stream(self, input_ids, max_new_tokens: int = 50, **kwargs):
+        """Yield each step's new tokens, [B] int64, as `generate` produces them."""
+        from .generate import stream
+
+        return stream(self, input_ids, max_new_tokens, **kwargs)
+
+    # ---- input checks and plumbing -----------------------------------------------------
+
+    def _check_ids(self, input_ids) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+            raise GPT2Error(f"input_ids must have shape (T,) or (B, T) with T >= 1, found {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise GPT2Error(f"input_ids must be integers, found dtype {ids.dtype}")
+        low, high = ids.min(), ids.max()
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise GPT2Error(f"input_ids contains {bad}, outside the vocabulary 0..{self.config.vocab_size - 1}")
+        return ids
+
+    @staticmethod
+    def _set_mask(cache: KVCache, attention_mask, start: int, T: int):
+        if attention_mask is None:
+            cache.key_mask[:, start:start + T] = True
+            return
+        mask = np.asarray(attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape != (cache.batch_size, start + T):
+            raise GPT2Error(
+                f"attention_mask must have shape (B, cached + new) = {(cache.batch_size, start + T)}, "
+                f"found {mask.shape}"
+            )
+        if not np.isin(mask, (0, 1)).all():
+            raise GPT2Error("attention_mask must hold only 0 and 1")
+        cache.key_mask[:, :start + T] = mask.astype(bool)
+
+    def _positions(self, cache: KVCache, position_ids, start: int, T: int) -> np.ndarray:
+        if position_ids is None:
+            # Padding does not advance the position: a left-padded row starts at 0 like a lone one.
+            counted = np.cumsum(cache.key_mask[:, :start + T], axis=1) - 1
+            return np.maximum(counted[:, start:], 0)
+        positions = np.asarray(position_ids)
+        if positions.ndim == 1:
+            positions = positions[None]
+        if positions.shape != (cache.batch_size, T) or not np.issubdtype(positions.dtype, np.integer):
+            raise GPT2Error(f"position_ids must be integers of shape {(cache.batch_size, T)}, found "
+                            f"{positions.dtype} {positions.shape}")
+        if positions.min() < 0 or positions.max() >= self.config.n_positions:
+            raise GPT2Error(f"position_ids must be in 0..{self.config.n_positions - 1}")
+        return positions

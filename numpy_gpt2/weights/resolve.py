@@ -1,0 +1,94 @@
+"""Turn what a user types for --model into a path on disk.
+
+A path (directory or file) is taken as it is. A name (gpt2, gpt2-medium, gpt2-large, gpt2-xl,
+distilgpt2, or a hub repo id such as openai-community/gpt2) is looked for, in order, in
+`./weights/NAME/`, in `weights/NAME/` of the checkout this package runs from, and in the
+Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub).
+"""
+
+import os
+import pathlib
+
+from ..errors import ModelNotFoundError
+
+# The hub repos of the published sizes; the old unprefixed ids are in the cache of older installs.
+HUB_REPOS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+_CHECKOUT_WEIGHTS = pathlib.Path(__file__).resolve().parents[2] / "weights"
+
+
+def hub_cache_dir() -> pathlib.Path:
+    """The Hugging Face hub cache, as huggingface_hub chooses it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return pathlib.Path(hf_home).expanduser() / "hub"
+
+
+def _local_dir_name(name: str) -> str:
+    return name.split("/")[-1]
+
+
+def candidate_dirs(name: str) -> list:
+    """Every directory where the checkpoint called `name` may be, in search order."""
+    local = _local_dir_name(name)
+    dirs = [pathlib.Path("weights") / local, _CHECKOUT_WEIGHTS / local]
+    repos = [HUB_REPOS.get(name, name)]
+    if "/" not in name:
+        repos.append(name)
+    for repo in repos:
+        repo_dir = hub_cache_dir() / ("models--" + repo.replace("/", "--"))
+        dirs.extend(_snapshots(repo_dir))
+    unique = []
+    for d in dirs:
+        if d.resolve() not in [u.resolve() for u in unique]:
+            unique.append(d)
+    return unique
+
+
+def _snapshots(repo_dir: pathlib.Path) -> list:
+    """The snapshot the cache's refs/main points at first, then any others, newest first."""
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return [snapshots / "<revision>"]
+    ordered = []
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        ordered.append(snapshots / ref.read_text().strip())
+    others = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    return ordered + [p for p in others if p not in ordered]
+
+
+def _has_checkpoint(d: pathlib.Path) -> bool:
+    return (d / "model.safetensors").is_file() or (d / "hparams.json").is_file()
+
+
+def _looks_like_path(text: str) -> bool:
+    """A path, not a name: starts like one, ends in a weight suffix, or has more than one '/'."""
+    return (text.startswith((".", "/", "~")) or text.endswith((".safetensors", ".json"))
+            or text.count("/") > 1 or os.sep != "/" and os.sep in text)
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """The path to load for `name_or_path`; raises ModelNotFoundError saying where it looked."""
+    text = os.fspath(name_or_path)
+    if os.path.exists(text):
+        return text
+    if _looks_like_path(text):
+        raise ModelNotFoundError(f"{text}: no such file or directory")
+    dirs = candidate_dirs(text)
+    for d in dirs:
+        if _has_checkpoint(d):
+            return str(d)
+    looked = "; ".join(str(d) for d in dirs)
+    raise ModelNotFoundError(
+        f"model {text!r} not found; looked in: {looked}. Put config.json + model.safetensors "
+        f"(from the hub repo {HUB_REPOS.get(text, text)}) in weights/{_local_dir_name(text)}/, "
+        "or give --model a directory or .safetensors file"
+    )

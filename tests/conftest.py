@@ -1,0 +1,155 @@
+"""Reference checkpoints for the tests, built once per session with Hugging Face transformers.
+
+Each checkpoint is a `transformers.GPT2LMHeadModel` with random weights (every tensor drawn, not
+left at its initialisation, so that biases and layernorm gains matter), saved twice:
+`pretrained/` as `save_pretrained` writes it (`transformer.` prefix) and `hub/` in the layout of
+the official openai-community/gpt2 `model.safetensors` (no prefix, `h.{i}.attn.bias` mask
+buffers). The torch model itself is the reference the tests compare against.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from safetensors.numpy import save_file
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+TINY = dict(vocab_size=1000, n_positions=40, n_embd=96, n_layer=3, n_head=3, layer_norm_epsilon=1e-3)
+# Odd corners of the config: a non-default MLP width, the other tanh-GELU name, per-layer
+# attention scaling, and the reordered/upcast attention path.
+VARIANTS = {
+    "tiny": TINY,
+    "tiny-inner": {**TINY, "n_inner": 200, "activation_function": "gelu_pytorch_tanh"},
+    "tiny-scaled": {**TINY, "scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True},
+}
+GPT2_124M = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+
+
+@dataclasses.dataclass
+class Reference:
+    """A random GPT-2 in torch and the two directories its weights were saved to."""
+
+    torch_model: object
+    pretrained_dir: pathlib.Path
+    hub_dir: pathlib.Path
+    config: dict
+
+    def logits(self, ids, dtype="float32", **kwargs):
+        """Reference logits (B, T, V) from transformers for int ids (B, T); kwargs as tensors."""
+        import torch
+
+        model = self.torch_model.to(getattr(torch, dtype))
+        kwargs = {k: torch.as_tensor(np.asarray(v)) for k, v in kwargs.items()}
+        # transformers' reorder_and_upcast_attn path refuses float64; it only moves where the
+        # scale is applied and upcasts fp16 to fp32, so in float64 the plain path is the same maths.
+        attentions = [m for m in model.modules() if hasattr(m, "reorder_and_upcast_attn")]
+        upcast = [m.reorder_and_upcast_attn for m in attentions]
+        if dtype == "float64":
+            for m in attentions:
+                m.reorder_and_upcast_attn = False
+        try:
+            with torch.no_grad():
+                return model(torch.as_tensor(np.asarray(ids)), **kwargs).logits.numpy()
+        finally:
+            self.torch_model.float()
+            for m, flag in zip(attentions, upcast):
+                m.reorder_and_upcast_attn = flag
+
+
+def _randomize(model, seed):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.copy_((1.0 + 0.1 * noise) if name.endswith("weight") else 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.05 * noise)
+            else:
+                p.copy_(0.08 * noise)
+
+
+def _save_hub_layout(model, hf_config, directory):
+    """Write `directory/model.safetensors` as the official hub file is laid out."""
+    directory.mkdir(parents=True)
+    tensors = {}
+    for name, tensor in model.transformer.state_dict().items():
+        tensors[name] = tensor.detach().numpy().copy()
+    P = hf_config.n_positions
+    mask = np.tril(np.ones((P, P), dtype=np.float32))[None, None]
+    for i in range(hf_config.n_layer):
+        tensors[f"h.{i}.attn.bias"] = mask
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config.to_dict()))
+
+
+def build_reference(config: dict, directory: pathlib.Path, seed: int = 0) -> Reference:
+    """A random transformers GPT-2 with `config`, saved in both layouts under `directory`."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(**config, bos_token_id=None, eos_token_id=None)
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    _randomize(model, seed)
+    model.save_pretrained(directory / "pretrained")
+    _save_hub_layout(model, hf_config, directory / "hub")
+    return Reference(model, directory / "pretrained", directory / "hub", config)
+
+
+@pytest.fixture(scope="session")
+def tiny_refs(tmp_path_factory):
+    """name -> Reference for each small variant."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: build_reference(cfg, root / name, seed=i) for i, (name, cfg) in enumerate(VARIANTS.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tiny_refs):
+    """The plain small odd config: 3 layers, 3 heads, n_embd 96, n_positions 40, vocab 1000."""
+    return tiny_refs["tiny"]
+
+
+@pytest.fixture(scope="session")
+def gpt2_ref(tmp_path_factory):
+    """A random GPT-2 with the full 124M shape."""
+    return build_reference(GPT2_124M, tmp_path_factory.mktemp("gpt2-124m"), seed=124)
+
+
+def shared_file(*parts) -> pathlib.Path:
+    """A file under ../shared, or skip the test naming the file it wanted."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's ../shared folder)")
+    return path
+
+
+def tolerance(reference: np.ndarray, dtype) -> float:
+    """The agreement the tests demand, written down once.
+
+    float32: 1e-4 x max(1, max |logit|): each of the ~10 float32 roundings per layer costs
+    about 6e-8 relative, and BLAS sums in a different order from torch; 1e-4 leaves room for
+    that over 12 layers while still catching any real error (a wrong scale, a dropped bias).
+    float64: 1e-9, absolute, on logits of order 1-10: what double precision leaves after the
+    same operations, with several orders of margin.
+    """
+    if np.dtype(dtype) == np.float64:
+        return 1e-9
+    return 1e-4 * max(1.0, float(np.abs(reference).max()))
+
+
+@pytest.fixture(autouse=True)
+def _no_hf_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,124 @@
+"""The forward pass against Hugging Face transformers' GPT2LMHeadModel on the same weights.
+
+Tolerances come from `conftest.tolerance`: 1e-4 x max(1, max |logit|) in float32, 1e-9 in
+float64 (against torch run in float64).
+"""
+
+import numpy as np
+import pytest
+
+from conftest import VARIANTS, tolerance
+from numpy_gpt2 import GPT2, GPT2Error
+
+LAYOUTS = ["pretrained_dir", "hub_dir"]
+
+
+def _ids(vocab, shape, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, shape)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_logits_match_transformers(tiny_refs, variant, layout, dtype):
+    ref = tiny_refs[variant]
+    model = GPT2.from_pretrained(getattr(ref, layout), dtype=dtype)
+    ids = _ids(ref.config["vocab_size"], (2, ref.config["n_positions"]))
+    expected = ref.logits(ids, dtype=dtype)
+    logits = model(ids)
+    assert logits.dtype == np.dtype(dtype) and logits.shape == expected.shape
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, dtype))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_logits_match_transformers_124m_shape(gpt2_ref, dtype):
+    ids = _ids(50257, (2, 64), seed=1)
+    model = GPT2.from_pretrained(gpt2_ref.hub_dir, dtype=dtype)
+    expected = gpt2_ref.logits(ids, dtype=dtype)
+    logits = model(ids)
+    assert logits.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, dtype))
+
+
+@pytest.mark.slow
+def test_124m_float32_weights_are_not_copied(gpt2_ref):
+    """The float32 file is memory-mapped: loading reads only the header, not 500 MB."""
+    model = GPT2.from_pretrained(gpt2_ref.pretrained_dir)
+    for array in (model.wte, model.h[11].mlp.c_proj.weight, model.ln_f.bias):
+        assert isinstance(array.base, np.memmap) or isinstance(getattr(array.base, "base", None), np.memmap)
+
+
+def test_single_sequence_is_batch_of_one(tiny_ref):
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    ids = _ids(1000, 12)
+    np.testing.assert_array_equal(model(ids), model(ids[None]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("chunks", [[12, 1, 1, 1], [1] * 15, [5, 7, 3]], ids=["prefill+decode", "tokenwise", "chunks"])
+def test_cached_equals_uncached(tiny_ref, dtype, chunks):
+    model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype=dtype)
+    ids = _ids(1000, (2, sum(chunks)), seed=3)
+    full = model(ids)
+    cache = model.new_cache(2)
+    bounds = np.cumsum([0] + chunks)
+    pieces = [model(ids[:, a:b], cache=cache) for a, b in zip(bounds[:-1], bounds[1:])]
+    assert cache.length == sum(chunks)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=0, atol=tolerance(full, dtype))
+
+
+def test_logits_to_keep(tiny_ref):
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    ids = _ids(1000, (2, 10))
+    expected = tiny_ref.logits(ids)[:, -3:]
+    np.testing.assert_allclose(model(ids, logits_to_keep=3), expected, atol=tolerance(expected, "float32"))
+
+
+def test_left_padding_with_mask_matches_transformers(tiny_ref):
+    """Padded rows: transformers given the same mask and position ids is the reference."""
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    ids = _ids(1000, (2, 9), seed=5)
+    mask = np.ones((2, 9), dtype=np.int64)
+    mask[1, :4] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    expected = tiny_ref.logits(ids, attention_mask=mask, position_ids=positions)
+    logits = model(ids, attention_mask=mask)
+    tol = tolerance(expected, "float32")
+    np.testing.assert_allclose(logits[0], expected[0], atol=tol)
+    np.testing.assert_allclose(logits[1, 4:], expected[1, 4:], atol=tol)
+    alone = model(ids[1:, 4:])
+    np.testing.assert_allclose(logits[1, 4:], alone[0], atol=tol)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.array([[1, 1000]]), "outside the vocabulary 0..999"),
+    (np.array([[-1, 3]]), "outside the vocabulary"),
+    (np.array([[0.5, 1.0]]), "must be integers"),
+    (np.zeros((1, 0), dtype=int), "T >= 1"),
+    (np.zeros((1, 2, 3), dtype=int), r"shape \(T,\) or \(B, T\)"),
+    (np.zeros((1, 41), dtype=int), "41 positions, more than n_positions=40"),
+])
+def test_bad_input_ids_are_clear_errors(tiny_ref, bad, match):
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    with pytest.raises(GPT2Error, match=match):
+        model(bad)
+
+
+def test_cache_overflow_and_mask_shape_errors(tiny_ref):
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    cache = model.new_cache(1, capacity=8)
+    model(_ids(1000, (1, 6)), cache=cache)
+    with pytest.raises(GPT2Error, match="after 6 cached ones exceeds the cache capacity 8"):
+        model(_ids(1000, (1, 3)), cache=cache)
+    with pytest.raises(GPT2Error, match="attention_mask must have shape"):
+        model(_ids(1000, (1, 3)), attention_mask=np.ones((1, 2)))
+    with pytest.raises(GPT2Error, match="cache capacity must be in 1..40"):
+        model.new_cache(1, capacity=41)
+    with pytest.raises(GPT2Error, match="dtype must be one of"):
+        GPT2.from_pretrained(tiny_ref.hub_dir, dtype="float16")
+
+
+def test_num_parameters_matches_torch(tiny_ref):
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    assert model.num_parameters() == sum(p.numel() for p in tiny_ref.torch_model.parameters())

@@ -1,0 +1,107 @@
+"""The maths, op by op: the NumPy reference (`ops`) and the Numba twins (`kernels`) against
+torch.nn.functional on the same random input.
+
+Tolerances: float32 ops agree with torch to a few float32 ulps of the output's scale (rtol 1e-5,
+atol 1e-6); float64 to 1e-12, what double rounding leaves after a sum over a few hundred terms.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from numpy_gpt2 import kernels, ops
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+IMPLS = {"ops": ops, "kernels": kernels}
+TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture(params=list(IMPLS), ids=list(IMPLS))
+def impl(request):
+    return IMPLS[request.param]
+
+
+def _random(shape, dtype, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
+
+
+def test_layer_norm_matches_torch(impl, dtype):
+    x = _random((2, 5, 96), dtype, scale=3.0) + dtype(0.5)
+    gamma, beta = _random(96, dtype, 1), _random(96, dtype, 2)
+    out = impl.layer_norm(x, gamma, beta, 1e-5)
+    ref = F.layer_norm(torch.from_numpy(x), (96,), torch.from_numpy(gamma), torch.from_numpy(beta), eps=1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    np.testing.assert_allclose(out, ref.numpy(), **TOL[dtype])
+
+
+def test_gelu_tanh_matches_torch(impl, dtype):
+    x = _random((3, 7, 50), dtype, scale=4.0)
+    out = impl.gelu_tanh(x)
+    ref = F.gelu(torch.from_numpy(x), approximate="tanh")
+    assert out.dtype == dtype and out.shape == x.shape
+    np.testing.assert_allclose(out, ref.numpy(), **TOL[dtype])
+
+
+def test_softmax_matches_torch(impl, dtype):
+    x = _random((4, 3, 33), dtype, scale=10.0)
+    out = impl.softmax(x)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out, F.softmax(torch.from_numpy(x), dim=-1).numpy(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("T, start", [(9, 0), (1, 8), (4, 5)], ids=["prefill", "decode", "chunk"])
+def test_causal_attention_matches_sdpa(impl, dtype, T, start):
+    """Queries at positions start..start+T-1 over S = start + T keys, against torch's causal SDPA."""
+    B, H, D = 2, 3, 16
+    S = start + T
+    q_all = _random((B, H, S, D), dtype, 1)
+    k, v = _random((B, H, S, D), dtype, 2), _random((B, H, S, D), dtype, 3)
+    ref = F.scaled_dot_product_attention(*map(torch.from_numpy, (q_all, k, v)), is_causal=True)
+    q = q_all[:, :, start:].transpose(0, 2, 1, 3)                               # [B, T, H, D]
+    out = impl.causal_attention(q, k, v, np.ones((B, S), bool), start, 1 / math.sqrt(D))
+    assert out.dtype == dtype and out.shape == (B, T, H * D)
+    expected = ref.numpy()[:, :, start:].transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    np.testing.assert_allclose(out, expected, **TOL[dtype])
+
+
+def test_causal_attention_key_mask_matches_sdpa(impl, dtype):
+    """Padding keys masked out, as torch does with a boolean attn_mask; other scale factors."""
+    B, H, S, D = 2, 2, 6, 8
+    q, k, v = (_random((B, H, S, D), dtype, s) for s in (4, 5, 6))
+    key_mask = np.ones((B, S), bool)
+    key_mask[1, :2] = False                                                     # row 1 left-padded
+    causal = np.tril(np.ones((S, S), bool))
+    allowed = causal[None, None] & key_mask[:, None, None, :]
+    ref = F.scaled_dot_product_attention(*map(torch.from_numpy, (q, k, v)), attn_mask=torch.from_numpy(allowed),
+                                         scale=0.3).numpy()
+    out = impl.causal_attention(q.transpose(0, 2, 1, 3), k, v, key_mask, 0, 0.3)
+    expected = ref.transpose(0, 2, 1, 3).reshape(B, S, H * D)
+    # Rows 1, positions 0-1 see no key at all: torch gives NaN there, we give zeros.
+    assert np.all(out[1, :2] == 0)
+    np.testing.assert_allclose(out[0], expected[0], **TOL[dtype])
+    np.testing.assert_allclose(out[1, 2:], expected[1, 2:], **TOL[dtype])
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "gelu_tanh", "softmax"])
+def test_kernels_agree_with_ops_on_non_contiguous_input(name):
+    """The twins on a strided view (what the model hands them after a reshape)."""
+    x = _random((6, 40), np.float32)[:, ::2]
+    args = (x, _random(20, np.float32, 1), _random(20, np.float32, 2), 1e-5) if name == "layer_norm" else (x,)
+    np.testing.assert_allclose(getattr(kernels, name)(*args), getattr(ops, name)(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_float32_constants_do_not_promote():
+    """Under NumPy 2 a float64 scalar times a float32 array is float64; no op may do that."""
+    x = _random((2, 8), np.float32)
+    g, b = np.ones(8, np.float32), np.zeros(8, np.float32)
+    for out in (ops.gelu_tanh(x), ops.layer_norm(x, g, b, 1e-5), ops.softmax(x),
+                ops.linear(x, np.eye(8, dtype=np.float32), b)):
+        assert out.dtype == np.float32
