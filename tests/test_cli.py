@@ -1,0 +1,182 @@
+"""The `numpy-gpt2` command line, run as a user runs it: a subprocess of `python -m numpy_gpt2`.
+
+References trusted here: Hugging Face transformers (`GPT2LMHeadModel.generate`, greedy, on the
+tiny reference weights; the parameter count torch reports), the GPT-2 ids of "Hello world"
+([15496, 995], as every GPT-2 tokenizer gives them), and the tiny reference's config.
+Continuations are decoded with numpy_gpt2's Tokenizer, which test_tokenizer checks against
+tiktoken. Each run has a timeout; there are about twenty runs, so the file stays quick.
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from numpy_gpt2.tokenizer import Tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT = 120
+# Five GPT-2 tokens, all below 1000, the tiny reference's vocabulary size.
+PROMPT = "I am a man and"
+HELLO_WORLD_IDS = [15496, 995]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment of every run: an empty Hugging Face cache, so no real one is found."""
+    hub = tmp_path_factory.mktemp("empty-hub-cache")
+    return {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+
+
+def _run(env, *args, command=(sys.executable, "-m", "numpy_gpt2"), **kwargs):
+    kwargs.setdefault("stdin", None if "input" in kwargs else subprocess.DEVNULL)
+    return subprocess.run([*command, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, encoding="utf-8", timeout=TIMEOUT, **kwargs)
+
+
+def _ok(result) -> str:
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    return result.stdout
+
+
+def test_prompt_fits_the_tiny_vocabulary():
+    ids = Tokenizer.default().encode(PROMPT)
+    assert len(ids) == 5 and max(ids) < 1000
+
+
+def test_generate_greedy_matches_transformers(tiny_ref, env):
+    torch = pytest.importorskip("torch")
+    tokenizer = Tokenizer.default()
+    ids = tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        out = tiny_ref.torch_model.generate(torch.tensor([ids]), attention_mask=torch.ones_like(torch.tensor([ids])),
+                                            do_sample=False, max_new_tokens=20, pad_token_id=0)
+    continuation = out[0, len(ids):].tolist()
+    assert len(continuation) == 20
+    stdout = _ok(_run(env, "generate", PROMPT, "--model", tiny_ref.hub_dir, "--greedy",
+                      "--max-new-tokens", 20, "--no-stream", "--no-eos"))
+    assert stdout == PROMPT + tokenizer.decode(continuation) + "\n"
+
+
+SAMPLE = ("--temperature", 1.5, "--max-new-tokens", 30, "--no-eos")
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_ref, env):
+    """Sampled outputs: the prompt on stdin or as an argument, streamed or not, seeds 1 and 2."""
+    model = ("--model", tiny_ref.hub_dir)
+    return {
+        "stdin, seed 1": _ok(_run(env, "generate", *model, *SAMPLE, "--seed", 1, "--no-stream", input=PROMPT)),
+        "seed 1": _ok(_run(env, "generate", PROMPT, *model, *SAMPLE, "--seed", 1, "--no-stream")),
+        "stream, seed 1": _ok(_run(env, "generate", PROMPT, *model, *SAMPLE, "--seed", 1, "--stream")),
+        "seed 2": _ok(_run(env, "generate", PROMPT, *model, *SAMPLE, "--seed", 2, "--no-stream")),
+    }
+
+
+def test_prompt_from_stdin_and_same_seed_same_text(sampled):
+    assert sampled["seed 1"].startswith(PROMPT) and len(sampled["seed 1"]) > len(PROMPT) + 10
+    assert sampled["stdin, seed 1"] == sampled["seed 1"]
+
+
+def test_stream_prints_what_no_stream_prints(sampled):
+    assert sampled["stream, seed 1"] == sampled["seed 1"]
+
+
+def test_different_seeds_differ(sampled):
+    # 30 tokens at temperature 1.5 over the top 50: two seeds agreeing would be a broken seed.
+    assert sampled["seed 2"].startswith(PROMPT)
+    assert sampled["seed 2"] != sampled["seed 1"]
+
+
+def test_tokenize(env):
+    stdout = _ok(_run(env, "tokenize", "Hello world"))
+    assert stdout == f"{HELLO_WORLD_IDS[0]}\t'Hello'\n{HELLO_WORLD_IDS[1]}\t' world'\n"
+
+
+def test_tokenize_ids_only_from_stdin(env):
+    assert _ok(_run(env, "tokenize", "--ids-only", input="Hello world")) == "15496 995\n"
+
+
+def test_info(tiny_ref, env):
+    stdout = _ok(_run(env, "info", "--model", tiny_ref.hub_dir))
+    fields = dict(line.split(None, 1) for line in stdout.splitlines())
+    # torch's parameters() yields the tied wte / lm_head weight once.
+    assert fields["parameters"] == f"{sum(p.numel() for p in tiny_ref.torch_model.parameters()):,}"
+    hf = tiny_ref.torch_model.config
+    for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        assert fields[name] == str(getattr(hf, name)), name
+    assert fields["n_inner"] == str(tiny_ref.torch_model.transformer.h[0].mlp.c_fc.weight.shape[1])
+    assert float(fields["layer_norm_epsilon"]) == hf.layer_norm_epsilon
+    assert fields["file"].startswith(str(tiny_ref.hub_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def truncated_dir(tiny_ref, tmp_path_factory):
+    """A copy of the tiny checkpoint whose model.safetensors stops halfway."""
+    directory = tmp_path_factory.mktemp("truncated")
+    shutil.copyfile(tiny_ref.hub_dir / "config.json", directory / "config.json")
+    data = (tiny_ref.hub_dir / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(data[:len(data) // 2])
+    return directory
+
+
+ERRORS = {
+    "missing model dir": (["generate", PROMPT, "--model", "{tmp}/nowhere"], {},
+                          r"{tmp}/nowhere: no such file or directory"),
+    "truncated file": (["generate", PROMPT, "--model", "{truncated}"], {},
+                       r"{truncated}/model\.safetensors: .*\(truncated file\)"),
+    "negative temperature": (["generate", PROMPT, "--model", "{model}", "--temperature", "-1"], {},
+                             r"argument --temperature: must be a number >= 0, found -1"),
+    "top-p 0": (["generate", PROMPT, "--model", "{model}", "--top-p", "0"], {},
+                r"argument --top-p: must be in \(0, 1\], found 0"),
+    "top-p 1.5": (["generate", PROMPT, "--model", "{model}", "--top-p", "1.5"], {},
+                  r"argument --top-p: must be in \(0, 1\], found 1\.5"),
+    "empty prompt": (["generate", "", "--model", "{model}"], {}, r"the prompt is empty"),
+    "unknown name": (["generate", PROMPT, "--model", "gpt7"], {},
+                     r"model 'gpt7' not found; looked in: weights/gpt7; .*{hub}/models--gpt7/"),
+    "context too long": (["generate", PROMPT, "--model", "{model}", "--max-new-tokens", "100"], {},
+                         r"prompt of 5 tokens \+ max_new_tokens=100 exceeds the model's context of "
+                         r"n_positions=40; .* at most 35 new tokens"),
+    "zero new tokens": (["generate", PROMPT, "--model", "{model}", "--max-new-tokens", "0"], {},
+                        r"argument --max-new-tokens: must be a positive integer, found 0"),
+    "token outside vocab": (["generate", "Hello world", "--model", "{model}"], {},
+                            r"the prompt has token 15496, outside the model's vocabulary of 1000"),
+    "no prompt, empty stdin": (["generate", "--model", "{model}"], {"stdin": subprocess.DEVNULL},
+                               r"the prompt is empty"),
+    "bad subcommand": (["frobnicate"], {}, r"invalid choice: 'frobnicate'"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_error_is_one_line(case, tiny_ref, truncated_dir, env, tmp_path):
+    """Every known error: non-zero exit, one line on stderr naming the problem, nothing on stdout."""
+    args, kwargs, pattern = ERRORS[case]
+    places = {"tmp": tmp_path, "model": tiny_ref.hub_dir, "truncated": truncated_dir, "hub": env["HF_HUB_CACHE"]}
+    args = [a.format(**places) for a in args]
+    pattern = pattern.format(**{k: re.escape(str(v)) for k, v in places.items()})
+    result = _run(env, *args, **kwargs)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), result.stderr
+    assert re.match(r"numpy-gpt2( generate)?: error: ", lines[0]), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert result.stdout == ""
+
+
+def test_help(env):
+    stdout = _ok(_run(env, "--help"))
+    for command in ("generate", "tokenize", "info"):
+        assert command in stdout
+
+
+def test_console_script(env):
+    script = shutil.which("numpy-gpt2")
+    if script is None:
+        pytest.skip("the numpy-gpt2 console script is not installed (pip install -e . puts it on PATH)")
+    assert _ok(_run(env, "tokenize", "--ids-only", "Hello world", command=(script,))) == "15496 995\n"
