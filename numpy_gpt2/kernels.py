@@ -1,10 +1,16 @@
 """Numba twins of the hot ops in `ops.py`: same signatures, same results within rounding.
 
-Each public function here has the signature of its namesake in `ops.py`; a jitted `_..._rows`
-loop does the work over a 2-D view. Every jitted function has `cache=True`, so the compile cost
-(a few seconds) is paid once per machine, not once per process. Sums run in float64 whatever the
-compute dtype: it costs little next to the matrix products and keeps float32 layernorm and
-softmax as close to exact as their inputs allow.
+Each public function here has the signature of its namesake in `ops.py` (or, when it fuses two
+ops, of their composition); a jitted loop does the work over a 2-D view. The tests feed both
+versions the same input and compare them with torch.
+
+Threads: the matrix products (NumPy's BLAS) use every core; these loops run on the calling
+thread. After each product the BLAS workers spin for a while waiting for more work, so a Numba
+thread pool started right then fights them for the cores: measured here, that made decoding
+twenty times slower. The loops are cheap next to the products, so serial is the right call.
+
+Every jitted function has `cache=True`: the compile cost (a few seconds) is paid once per
+machine, not once per process.
 """
 
 import math
@@ -13,13 +19,16 @@ import numba
 import numpy as np
 
 _JIT = dict(cache=True, nogil=True)
+# Reassociation lets LLVM vectorise the sums; it changes only the rounding order. No flag that
+# assumes finite values: the masking below relies on -inf.
+_FAST = dict(_JIT, fastmath={"reassoc", "contract"})
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(**_JIT)
 def _layer_norm_rows(x, gamma, beta, eps, out):
-    """x, out: [N, C]; out[n] = gamma * (x[n] - mean) / sqrt(var + eps) + beta."""
+    """x, out: [N, C]; out[n] = gamma * (x[n] - mean) / sqrt(var + eps) + beta, sums in float64."""
     n_rows, C = x.shape
-    for n in numba.prange(n_rows):
+    for n in range(n_rows):
         mean = 0.0
         for c in range(C):
             mean += x[n, c]
@@ -41,30 +50,71 @@ def layer_norm(x, gamma, beta, eps):
     return out.reshape(x.shape)
 
 
-@numba.njit(parallel=True, **_JIT)
-def _gelu_tanh_rows(x, out):
-    """x, out: [N, M]; out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    c = math.sqrt(2.0 / math.pi)
+@numba.njit(**_JIT)
+def _tanh_float32(u):
+    """tanh for float32 as a rational function, accurate to a few float32 ulps.
+
+    A minimax [13/6] approximation on [-7.9, 7.9] (Eigen's `generic_fast_tanh_float`), beyond
+    which tanh is +-1 in float32. Unlike `math.tanh` it has no branch, so loops vectorise.
+    """
+    u = min(max(u, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
+    u2 = u * u
+    p = np.float32(-2.76076847742355e-16)
+    p = p * u2 + np.float32(2.00018790482477e-13)
+    p = p * u2 + np.float32(-8.60467152213735e-11)
+    p = p * u2 + np.float32(5.12229709037114e-08)
+    p = p * u2 + np.float32(1.48572235717979e-05)
+    p = p * u2 + np.float32(6.37261928875436e-04)
+    p = p * u2 + np.float32(4.89352455891786e-03)
+    q = np.float32(1.19825839466702e-06)
+    q = q * u2 + np.float32(1.18534705686654e-04)
+    q = q * u2 + np.float32(2.26843463243900e-03)
+    q = q * u2 + np.float32(4.89352518554385e-03)
+    return u * p / q
+
+
+@numba.njit(**_JIT)
+def _bias_gelu_rows(x, bias, out, single):
+    """x, out: [N, M]; out = gelu(x + bias), gelu(y) = 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))).
+
+    `single`: x is float32, so the vectorisable float32 tanh is exact enough.
+    """
     n_rows, M = x.shape
-    for n in numba.prange(n_rows):
+    half = x.dtype.type(0.5)
+    c = x.dtype.type(math.sqrt(2.0 / math.pi))
+    a = x.dtype.type(0.044715)
+    for n in range(n_rows):
         for m in range(M):
-            v = x[n, m]
-            out[n, m] = 0.5 * v * (1.0 + math.tanh(c * (v + 0.044715 * v * v * v)))
+            y = x[n, m] + bias[m]
+            u = c * (y + a * y * y * y)
+            t = _tanh_float32(u) if single else math.tanh(u)
+            out[n, m] = half * y * (1 + t)
 
 
 def gelu_tanh(x):
     """x: any shape -> same shape; the tanh GELU (see `ops.gelu_tanh`)."""
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)
     out = np.empty_like(rows)
-    _gelu_tanh_rows(rows, out)
+    _bias_gelu_rows(rows, np.zeros(rows.shape[1], rows.dtype), out, rows.dtype == np.float32)
     return out.reshape(x.shape)
 
 
-@numba.njit(parallel=True, **_JIT)
+def linear_gelu(x, weight, bias):
+    """x: [..., in] -> [..., out]: gelu_tanh(x @ weight + bias), the bias added in the GELU pass.
+
+    The twin of `ops.gelu_tanh(ops.linear(x, weight, bias))`.
+    """
+    y = np.matmul(x, weight)
+    rows = y.reshape(-1, y.shape[-1])
+    _bias_gelu_rows(rows, bias, rows, rows.dtype == np.float32)
+    return y
+
+
+@numba.njit(**_JIT)
 def _softmax_rows(x, out):
     """x, out: [N, M]; out[n] = exp(x[n] - max) / sum(exp(x[n] - max))."""
     n_rows, M = x.shape
-    for n in numba.prange(n_rows):
+    for n in range(n_rows):
         row_max = -np.inf
         for m in range(M):
             row_max = max(row_max, x[n, m])
@@ -85,50 +135,91 @@ def softmax(x):
     return out.reshape(x.shape)
 
 
-@numba.njit(parallel=True, **_JIT)
-def _causal_attention_heads(q, k, v, key_mask, start, scale, out):
-    """q: [B, T, H, D]; k, v: [B, H, S, D]; key_mask: [B, S]; out: [B, T, H, D], zeroed.
+@numba.njit(**_FAST)
+def _attend_over_cache(q, k, v, key_mask, start, scale, out):
+    """q: [B, T, H, D]; k, v: [B, H, S, D]; key_mask: [B, S]; out: [B, T, H, D].
 
-    One (batch row, head) pair per parallel iteration; for each query the scores over the
-    visible keys, their softmax, and the weighted sum of values, in one pass over the cache.
+    For each query: scores against the visible keys, their softmax, and the weighted sum of
+    values, in one pass over the cache and in the compute dtype. Made for decoding (T small).
     """
     B, T, H, D = q.shape
     S = k.shape[2]
-    scores = np.empty((B * H, S))
-    for bh in numba.prange(B * H):
-        b, h = bh // H, bh % H
-        row = scores[bh]
-        for t in range(T):
-            last = min(start + t + 1, S)
-            row_max = -np.inf
-            for s in range(last):
-                if key_mask[b, s]:
-                    dot = 0.0
-                    for d in range(D):
-                        dot += q[b, t, h, d] * k[b, h, s, d]
-                    row[s] = dot * scale
-                    row_max = max(row_max, row[s])
-            if row_max == -np.inf:
-                continue
-            total = 0.0
-            for s in range(last):
-                if key_mask[b, s]:
-                    row[s] = math.exp(row[s] - row_max)
-                    total += row[s]
-            for s in range(last):
-                if key_mask[b, s]:
-                    w = row[s] / total
-                    for d in range(D):
-                        out[b, t, h, d] += w * v[b, h, s, d]
+    scores = np.empty(S, dtype=q.dtype)
+    zero = q.dtype.type(0)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                last = min(start + t + 1, S)
+                row_max = -np.inf
+                for s in range(last):
+                    if key_mask[b, s]:
+                        dot = zero
+                        for d in range(D):
+                            dot += q[b, t, h, d] * k[b, h, s, d]
+                        scores[s] = dot * scale
+                        row_max = max(row_max, scores[s])
+                for d in range(D):
+                    out[b, t, h, d] = zero
+                if row_max == -np.inf:
+                    continue
+                total = 0.0
+                for s in range(last):
+                    if key_mask[b, s]:
+                        scores[s] = math.exp(scores[s] - row_max)
+                        total += scores[s]
+                inv_total = 1.0 / total
+                for s in range(last):
+                    if key_mask[b, s]:
+                        w = q.dtype.type(scores[s] * inv_total)
+                        for d in range(D):
+                            out[b, t, h, d] += w * v[b, h, s, d]
+
+
+@numba.njit(**_JIT)
+def _masked_softmax_(scores, key_mask, start, scale):
+    """scores: [B, H, T, S] of q.k, in place -> attention weights.
+
+    Scaled, causal (query t sees keys 0..start+t) and masked (key_mask [B, S]); a row that
+    sees no key becomes zeros.
+    """
+    B, H, T, S = scores.shape
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                row = scores[b, h, t]
+                last = min(start + t + 1, S)
+                row_max = -np.inf
+                for s in range(last):
+                    if key_mask[b, s]:
+                        row[s] *= scale
+                        row_max = max(row_max, row[s])
+                total = 0.0
+                for s in range(S):
+                    if s < last and key_mask[b, s] and row_max != -np.inf:
+                        row[s] = math.exp(row[s] - row_max)
+                        total += row[s]
+                    else:
+                        row[s] = 0
+                if total > 0:
+                    inv_total = 1.0 / total
+                    for s in range(last):
+                        row[s] *= inv_total
 
 
 def causal_attention(q, k, v, key_mask, start, scale):
     """q: [B, T, H, D], k, v: [B, H, S, D], key_mask: [B, S] bool -> [B, T, H*D].
 
     Attention of new queries (absolute positions start..start+T-1) over keys 0..S-1, causal and
-    masked; see `ops.causal_attention`.
+    masked; see `ops.causal_attention`. One new position per row (decoding) goes through one
+    Numba pass over the cache; several (a prompt) through two BLAS products around a Numba
+    softmax, since q.k for a whole prompt is a matrix product.
     """
     B, T, H, D = q.shape
-    out = np.zeros((B, T, H, D), dtype=q.dtype)
-    _causal_attention_heads(q, k, v, key_mask, start, float(scale), out)
-    return out.reshape(B, T, H * D)
+    if T == 1:
+        out = np.empty((B, T, H, D), dtype=q.dtype)
+        _attend_over_cache(q, k, v, key_mask, start, q.dtype.type(scale), out)
+        return out.reshape(B, T, H * D)
+    scores = np.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 1, 3, 2))        # [B, H, T, S]
+    _masked_softmax_(scores, key_mask, start, q.dtype.type(scale))
+    out = np.matmul(scores, v)                                                  # [B, H, T, D]
+    return out.transpose(0, 2, 1, 3).reshape(B, T, H * D)

@@ -221,8 +221,7 @@ class GPT2:
 
     def _mlp(self, mlp: MLP, x):
         """x: [B, T, C] -> [B, T, C]: widen to F, tanh-GELU, project back."""
-        return linear(kernels.gelu_tanh(linear(x, mlp.c_fc.weight, mlp.c_fc.bias)),
-                      mlp.c_proj.weight, mlp.c_proj.bias)
+        return linear(kernels.linear_gelu(x, mlp.c_fc.weight, mlp.c_fc.bias), mlp.c_proj.weight, mlp.c_proj.bias)
 
     # ---- generation ----------------------------------------------------------------------
 
