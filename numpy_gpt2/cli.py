@@ -1,4 +1,4 @@
-"""The `numpy-gpt2` command line: generate, tokenize, info.
+"""The `numpy-gpt2` command line: generate, tokenize, info, convert, download.
 
 Every known error (GPT2Error, OSError, a bad flag) becomes one line on stderr and a non-zero
 exit; anything else is a bug and keeps its traceback.
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, metavar="TEXT",
                      help="stop once the generated text contains TEXT (repeatable)")
     gen.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
+    gen.add_argument("--threads", type=_positive_int, default=None,
+                     help="threads for the matrix products (default: one per core)")
     stream = gen.add_mutually_exclusive_group()
     stream.add_argument("--stream", dest="stream", action="store_true", default=None,
                         help="print tokens as they come (default on a terminal)")
@@ -99,6 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a checkpoint")
     _add_model_args(info)
+
+    conv = sub.add_parser("convert", help="write a checkpoint as a Hugging Face directory or llm.c .bin",
+                          description="Convert SRC (a Hugging Face directory, .safetensors file, OpenAI "
+                                      "TensorFlow directory, llm.c .bin, PyTorch .bin/.pt state dict, or "
+                                      "a name) to DST: a Hugging Face directory (config.json, "
+                                      "model.safetensors, vocab.json, merges.txt), or an llm.c "
+                                      "checkpoint when DST ends in .bin.")
+    conv.add_argument("src", help="the checkpoint to read")
+    conv.add_argument("dst", help="the directory to write, or a .bin path for llm.c")
+    conv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                      help="stored dtype (default: float32; float16 halves the file; llm.c: float32 or bfloat16)")
+    conv.add_argument("--n-head", type=_positive_int, default=None,
+                      help="number of heads, for a bare weight file of no preset size")
+    conv.add_argument("--force", action="store_true", help="overwrite a model already at DST")
+
+    dl = sub.add_parser("download", help="fetch a checkpoint from the Hugging Face hub",
+                        description="Download NAME (a published name or a hub repo id such as "
+                                    "user/my-gpt2) into weights/NAME/: config.json, model.safetensors "
+                                    "and the tokenizer files, each checked against the hub's checksum. "
+                                    "Needs huggingface_hub; honours HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE.")
+    dl.add_argument("name", help=f"{_PRESET_NAMES}, or a hub repo id")
+    dl.add_argument("--dir", default=None, help="where to put the files (default: weights/NAME, NAME "
+                                                "being the last part of the repo id)")
+    dl.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    dl.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -117,6 +144,10 @@ def _cmd_generate(args):
     prompt = _read_text(args.prompt, "prompt")
     if not prompt.strip():
         raise GPT2Error("the prompt is empty")
+    if args.threads is not None:
+        from .threads import set_threads
+
+        set_threads(args.threads)
     model = GPT2.from_pretrained(args.model, dtype=args.dtype, n_head=args.n_head)
     tokenizer = Tokenizer.from_pretrained(model.path)
     ids = tokenizer.encode(prompt)
@@ -174,7 +205,20 @@ def _cmd_info(args):
         print(f"{key:20} {value}")
 
 
-_COMMANDS = {"generate": _cmd_generate, "tokenize": _cmd_tokenize, "info": _cmd_info}
+def _cmd_convert(args):
+    from .convert import convert
+
+    print(convert(args.src, args.dst, dtype=args.dtype, n_head=args.n_head, force=args.force))
+
+
+def _cmd_download(args):
+    from .download import download, summary
+
+    print(summary(download(args.name, args.dir, revision=args.revision, quiet=args.quiet)))
+
+
+_COMMANDS = {"generate": _cmd_generate, "tokenize": _cmd_tokenize, "info": _cmd_info, "convert": _cmd_convert,
+             "download": _cmd_download}
 
 
 def main(argv=None) -> int:

@@ -144,8 +144,10 @@ def load_safetensors(path: str, config: GPT2Config | None = None, n_head: int | 
 def load_checkpoint(path: str | os.PathLike, n_head: int | None = None) -> Checkpoint:
     """Load and validate the checkpoint at `path`.
 
-    `path` is a directory holding config.json + model.safetensors (Hugging Face), a directory
-    holding OpenAI's TensorFlow checkpoint (hparams.json, model.ckpt.*), or a single
+    `path` is a directory holding config.json + model.safetensors (Hugging Face, or
+    pytorch_model.bin when torch is installed), a directory holding OpenAI's TensorFlow
+    checkpoint (hparams.json, model.ckpt.*), an llm.c .bin file (told apart by its magic), a
+    PyTorch .bin/.pt/.pth state dict (Hugging Face or nanoGPT; needs torch), or a single
     .safetensors file (config.json beside it, else inferred from the shapes and `n_head`).
     """
     path = os.fspath(path)
@@ -155,6 +157,11 @@ def load_checkpoint(path: str | os.PathLike, n_head: int | None = None) -> Check
         if os.path.isfile(st_path):
             config = GPT2Config.from_json(config_path) if os.path.isfile(config_path) else None
             return load_safetensors(st_path, config, n_head)
+        if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+            from . import torch_state
+
+            config = GPT2Config.from_json(config_path) if os.path.isfile(config_path) else None
+            return torch_state.load_torch_checkpoint(os.path.join(path, "pytorch_model.bin"), config, n_head)
         from . import tf_checkpoint
 
         if tf_checkpoint.is_tf_checkpoint_dir(path):
@@ -168,8 +175,14 @@ def load_checkpoint(path: str | os.PathLike, n_head: int | None = None) -> Check
         )
     if not os.path.exists(path):
         raise ModelNotFoundError(f"{path}: no such file or directory")
+    from . import llmc, torch_state
+
+    if llmc.is_llmc_file(path):
+        return llmc.load_llmc(path)
     config_path = os.path.join(os.path.dirname(path), "config.json")
     config = GPT2Config.from_json(config_path) if os.path.isfile(config_path) else None
+    if path.endswith(torch_state.SUFFIXES):
+        return torch_state.load_torch_checkpoint(path, config, n_head)
     return load_safetensors(path, config, n_head)
 
 

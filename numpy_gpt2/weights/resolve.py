@@ -90,5 +90,5 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     raise ModelNotFoundError(
         f"model {text!r} not found; looked in: {looked}. Put config.json + model.safetensors "
         f"(from the hub repo {HUB_REPOS.get(text, text)}) in weights/{_local_dir_name(text)}/, "
-        "or give --model a directory or .safetensors file"
+        f"give --model a directory or .safetensors file, or run: numpy-gpt2 download {text}"
     )

@@ -1,0 +1,135 @@
+"""Write any checkpoint numpy-gpt2 reads as a Hugging Face directory or an llm.c .bin file.
+
+A Hugging Face directory, as transformers' `GPT2LMHeadModel.from_pretrained` loads it:
+
+    config.json        GPT2Config.save_json
+    model.safetensors  the official hub key layout (wte.weight, h.0.attn.c_attn.weight [in, out], ...)
+    vocab.json         SRC's own tokenizer files (vocab.json/merges.txt or OpenAI's
+    merges.txt         encoder.json/vocab.bpe), else the packaged ones: the same bytes
+
+The safetensors file is written here rather than by `safetensors.numpy.save_file` because
+NumPy has no bfloat16 (its bits are written as uint16 under the header dtype "BF16"), and so
+that tensors stream to disk one at a time instead of as a second full copy in memory.
+"""
+
+import json
+import os
+import pathlib
+import struct
+
+import numpy as np
+
+from .errors import CheckpointError, GPT2Error
+from .fileio import atomic_path, atomic_write_bytes
+from .tokenizer import _find_files, _packaged_data_dir
+from .weights import Checkpoint, expected_shapes, load_checkpoint
+from .weights.llmc import bfloat16_bits, write_llmc
+from .weights.resolve import resolve_model
+
+DTYPES = ("float32", "float16", "bfloat16")
+LLMC_DTYPES = ("float32", "bfloat16")
+# name in the file header -> NumPy dtype of the stored values
+_FILE_DTYPES = {"float32": ("F32", np.dtype("<f4")), "float16": ("F16", np.dtype("<f2")),
+                "bfloat16": ("BF16", np.dtype("<u2"))}
+# Files whose presence means a directory already holds a model numpy-gpt2 or transformers reads.
+_MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "hparams.json")
+
+
+def convert(src, dst, dtype: str = "float32", n_head: int | None = None, force: bool = False) -> pathlib.Path:
+    """Convert the checkpoint `src` (any format `load_checkpoint` reads, or a model name) to `dst`.
+
+    `dst` ending in `.bin` is written as an llm.c checkpoint (float32 or bfloat16); anything
+    else is a Hugging Face directory (created if needed). `dtype` is the stored dtype:
+    float32, float16 (half the size) or bfloat16. `dst` must not already hold a model unless
+    `force`. Every file is written atomically. Returns the path written.
+    """
+    if dtype not in DTYPES:
+        raise GPT2Error(f"dtype must be one of {', '.join(DTYPES)}, found {dtype!r}")
+    src = pathlib.Path(resolve_model(src))
+    dst = pathlib.Path(dst)
+    to_llmc = dst.suffix == ".bin"
+    outputs = [dst] if to_llmc else [dst, dst / "model.safetensors"]
+    if any(src.resolve() == out.resolve() for out in outputs):
+        raise GPT2Error(f"{dst}: is the source itself; convert to another file or directory")
+    if to_llmc and dtype not in LLMC_DTYPES:
+        raise GPT2Error(f"{dst}: llm.c stores {' or '.join(LLMC_DTYPES)}, not {dtype}")
+    _check_destination(dst, to_llmc, force)
+
+    checkpoint = load_checkpoint(src, n_head=n_head)
+    if to_llmc:
+        write_llmc(checkpoint, None, dst, dtype)
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    write_safetensors(checkpoint, dst / "model.safetensors", dtype)
+    _copy_tokenizer(src, dst)
+    # The hub file also holds h.{i}.attn.bias, the causal mask as a buffer. It is left out:
+    # transformers builds the mask itself and lists "attn.bias" in GPT2's
+    # _keys_to_ignore_on_load_unexpected, so it loads the same with or without it, and the
+    # buffers would cost L x n_positions^2 floats (48 MB for 124M) of nothing.
+    checkpoint.config.save_json(dst / "config.json")
+    return dst
+
+
+def _check_destination(dst: pathlib.Path, to_llmc: bool, force: bool) -> None:
+    if to_llmc:
+        if dst.is_dir():
+            raise GPT2Error(f"{dst}: is a directory, expected the path of an llm.c .bin file")
+        if dst.exists() and not force:
+            raise GPT2Error(f"{dst}: already exists; use --force (force=True) to overwrite it")
+        return
+    if dst.exists() and not dst.is_dir():
+        raise GPT2Error(f"{dst}: is a file, expected a directory (or a path ending in .bin for llm.c)")
+    present = [name for name in _MODEL_FILES if (dst / name).exists()]
+    if present and not force:
+        raise GPT2Error(f"{dst}: already holds a model ({', '.join(present)}); "
+                        "use --force (force=True) to overwrite it")
+
+
+def write_safetensors(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:
+    """Write `checkpoint`'s tensors as a .safetensors file of `dtype`, atomically, one tensor at a time.
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON (padded with spaces
+    to a multiple of 8, so the data is 8-byte aligned) giving each tensor's dtype, shape and
+    [begin, end) offsets into the data, then the data, back to back in header order.
+    """
+    file_dtype, np_dtype = _FILE_DTYPES[dtype]
+    shapes = expected_shapes(checkpoint.config)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+        header[name] = {"dtype": file_dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for name in shapes:
+            f.write(_encode(checkpoint.array(name, np.float32), dtype, name, path).data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _encode(array: np.ndarray, dtype: str, name: str, path) -> np.ndarray:
+    """A float32 tensor as the C-contiguous values stored for `dtype`; overflow is an error."""
+    if dtype == "bfloat16":
+        out = bfloat16_bits(array)
+    else:
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(array, dtype=_FILE_DTYPES[dtype][1])
+    if dtype == "float16" and not np.isfinite(out).all() and np.isfinite(array).all():
+        big = float(np.abs(array).max())
+        raise CheckpointError(f"{path}: tensor {name} has a value of magnitude {big:g}, beyond float16's 65504")
+    return out
+
+
+def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """Copy the BPE files the engine would use for `src` to dst/vocab.json and dst/merges.txt."""
+    found = _find_files(src if src.is_dir() else src.parent)
+    data = _packaged_data_dir()
+    vocab, merges = found if found is not None else (data / "encoder.json", data / "vocab.bpe")
+    for source, name in ((vocab, "vocab.json"), (merges, "merges.txt")):
+        target = dst / name
+        if pathlib.Path(str(source)).resolve() != target.resolve():
+            atomic_write_bytes(target, source.read_bytes())
