@@ -21,6 +21,7 @@ from .weights import Checkpoint, load_checkpoint
 from .weights.resolve import resolve_model
 
 DTYPES = ("float32", "float64")
+_THIN_ROWS = 64  # up to this many rows, the head is computed as (wte @ x.T).T
 
 
 @dataclasses.dataclass
@@ -201,7 +202,16 @@ class GPT2:
         x = self._norm(x, self.ln_f)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return x @ self.wte.T                                                       # [B, T, V]
+        return self._head(x)                                                        # [B, T, V]
+
+    def _head(self, x):
+        """x: [B, T, C] -> logits [B, T, V] = x @ wte.T: the output head is the embedding, tied."""
+        B, T, C = x.shape
+        if 1 < B * T <= _THIN_ROWS:
+            # For a few rows BLAS repacks the whole transposed [C, V] operand on every call;
+            # with wte on the left it streams it once, which is 1.3-1.5x faster at batch 8.
+            return np.ascontiguousarray((self.wte @ x.reshape(B * T, C).T).T).reshape(B, T, -1)
+        return x @ self.wte.T
 
     def _norm(self, x, ln: LayerNorm):
         return kernels.layer_norm(x, ln.weight, ln.bias, self.config.layer_norm_epsilon)
