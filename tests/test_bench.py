@@ -1,0 +1,96 @@
+"""The benchmark harness in bench/: its naive baseline is right, and the command runs end to end.
+
+References trusted here: Hugging Face transformers (logits and greedy `generate` on the tiny
+reference weights) for the naive NumPy baseline, and numpy_gpt2's forward, itself tested
+against transformers in test_model.py. Nothing here checks a timing: timings are noisy and
+belong in bench/results, not in asserts.
+"""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tolerance
+from numpy_gpt2 import GPT2
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load_naive():
+    """bench/naive.py as a module; bench/ is a folder of scripts, not a package."""
+    spec = importlib.util.spec_from_file_location("bench_naive", BENCH / "naive.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+naive = _load_naive()
+
+
+@pytest.fixture(scope="module")
+def naive_model(tiny_ref):
+    return naive.NaiveGPT2(tiny_ref.hub_dir)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.default_rng(7).integers(0, 1000, size=17)
+
+
+def test_naive_logits_match_transformers(tiny_ref, naive_model, ids):
+    expected = tiny_ref.logits(ids[None])[0]
+    got = naive_model.logits(ids)
+    assert got.dtype == np.float32  # the float64 slip picoGPT is known for would show here
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance(expected, "float32"))
+
+
+def test_naive_logits_match_numpy_gpt2(tiny_ref, naive_model, ids):
+    expected = GPT2.from_pretrained(tiny_ref.hub_dir)(ids)[0]
+    np.testing.assert_allclose(naive_model.logits(ids), expected, rtol=0, atol=tolerance(expected, "float32"))
+    np.testing.assert_allclose(naive_model.logits(ids, logits_to_keep=1), expected[-1:], rtol=0,
+                               atol=tolerance(expected, "float32"))
+
+
+def test_naive_greedy_generation_matches_transformers(tiny_ref, naive_model, ids):
+    torch = pytest.importorskip("torch")
+    prompt = torch.tensor(ids[None])
+    with torch.no_grad():
+        out = tiny_ref.torch_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                            max_new_tokens=10, pad_token_id=0)
+    assert naive_model.generate(ids, 10) == out[0, len(ids):].tolist()
+
+
+def test_quick_run_writes_results(tiny_ref, tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--quick", "--engines", "numpy,naive",
+         "--model", str(tiny_ref.hub_dir), "--out", str(out), "--threads", "1"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    latest = json.loads((out / "latest.json").read_text())
+    stamped = [p for p in out.glob("*.json") if p.name != "latest.json"]
+    assert len(stamped) == 1 and json.loads(stamped[0].read_text()) == latest
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+    assert set(latest["engines"]) == {"numpy", "naive"}
+    keys = [case["key"] for case in latest["cases"]]
+    assert keys == ["prefill_16_last", "prefill_16_all", "prefill_32_last", "prefill_32_all",
+                    "decode_b1_p8", "decode_b1_p24", "decode_b8_p8"]
+    for case in latest["cases"]:
+        assert case["engines"]["numpy"]["median"] > 0
+        assert len(case["engines"]["numpy"]["seconds"]) == latest["settings"]["repeats"]
+    assert "naive" in latest["cases"][0]["engines"] and "naive" not in latest["cases"][-1]["engines"]
+    process = latest["process"]
+    assert process["cold_start"]["median"] > 0
+    assert process["first_compile"]["numba_cache_files_written"] > 0  # NUMBA_CACHE_DIR was honoured
+    assert process["peak_rss"]["numpy"]["median"] > 0
+    for key in ("cpu", "cores", "blas", "versions", "threads", "numba_threading_layer"):
+        assert key in latest["machine"]
+    table = (out / "latest.md").read_text()
+    assert "| measurement | numpy-gpt2 | naive NumPy |" in table
+    assert table.strip() in done.stdout
