@@ -224,9 +224,8 @@ class GPT2:
         start, end = cache.length, cache.length + T
         cache.k[layer, :, :, start:end] = qkv[:, :, 1].transpose(0, 2, 1, 3)      # [B, H, T, D]
         cache.v[layer, :, :, start:end] = qkv[:, :, 2].transpose(0, 2, 1, 3)
-        heads = kernels.causal_attention(
-            qkv[:, :, 0], cache.k[layer, :, :, :end], cache.v[layer, :, :, :end],
-            cache.key_mask[:, :end], start, self.attn_scales[layer])              # [B, T, C]
+        heads = kernels.causal_attention(qkv[:, :, 0], cache.k[layer], cache.v[layer], cache.key_mask,
+                                         start, self.attn_scales[layer])          # [B, T, C]
         return linear(heads, attn.c_proj.weight, attn.c_proj.bias)
 
     def _mlp(self, mlp: MLP, x):

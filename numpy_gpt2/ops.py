@@ -43,13 +43,15 @@ def causal_attention(q, k, v, key_mask, start, scale):
     """Scaled dot-product attention of new queries over all keys, causal and masked.
 
     q: [B, T, H, D] queries for absolute positions start .. start+T-1
-    k, v: [B, H, S, D] keys and values for positions 0 .. S-1 (S >= start + T)
+    k, v: [B, H, S, D] keys and values for positions 0 .. S-1 (S >= start + T; positions past
+        start + T - 1, such as the unfilled end of a cache, are never seen)
     key_mask: [B, S] bool, False for padding keys that no query may see
     scale: the factor on q.k (1/sqrt(D), times 1/(layer+1) when so configured)
     -> [B, T, H*D]; a query that can see no key at all gets zeros.
     """
     B, T, H, D = q.shape
-    S = k.shape[2]
+    S = start + T
+    k, v, key_mask = k[:, :, :S], v[:, :, :S], key_mask[:, :S]
     q_pos = start + np.arange(T)[:, None]                                   # [T, 1]
     visible = (np.arange(S)[None, :] <= q_pos)[None] & key_mask[:, None, :]  # [B, T, S]
     scores = np.einsum("bthd,bhsd->bhts", q, k) * q.dtype.type(scale)      # [B, H, T, S]

@@ -105,3 +105,19 @@ def test_float32_constants_do_not_promote():
     for out in (ops.gelu_tanh(x), ops.layer_norm(x, g, b, 1e-5), ops.softmax(x),
                 ops.linear(x, np.eye(8, dtype=np.float32), b)):
         assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("T, start", [(1, 7), (3, 4)], ids=["decode", "chunk"])
+def test_causal_attention_ignores_unfilled_cache_positions(impl, T, start):
+    """k, v may be a whole cache: positions past start+T-1 hold garbage that must not leak in."""
+    B, H, D, capacity = 2, 3, 16, 20
+    S = start + T
+    q_all = _random((B, H, S, D), np.float32, 1)
+    k, v = _random((B, H, capacity, D), np.float32, 2), _random((B, H, capacity, D), np.float32, 3)
+    k[:, :, S:], v[:, :, S:] = 1e3, np.nan
+    ref = F.scaled_dot_product_attention(*map(torch.from_numpy, (q_all, k[:, :, :S].copy(), v[:, :, :S].copy())),
+                                         is_causal=True)
+    q = q_all[:, :, start:].transpose(0, 2, 1, 3)
+    out = impl.causal_attention(q, k, v, np.ones((B, capacity), bool), start, 1 / math.sqrt(D))
+    expected = ref.numpy()[:, :, start:].transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    np.testing.assert_allclose(out, expected, **TOL[np.float32])
