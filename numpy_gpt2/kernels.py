@@ -240,15 +240,23 @@ def causal_attention(q, k, v, key_mask, start, scale):
     Several positions (a prompt) go through two BLAS products around a Numba softmax.
     """
     B, T, H, D = q.shape
-    end = start + T
     if T == 1:
         out = np.empty((B, T, H, D), dtype=q.dtype)
         _attend_over_cache(np.ascontiguousarray(q), k, v, key_mask, start, q.dtype.type(scale), out)
         return out.reshape(B, T, H * D)
-    k, v, key_mask = k[:, :, :end], v[:, :, :end], key_mask[:, :end]
-    scores = np.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 1, 3, 2))        # [B, H, T, S]
-    _scale_mask_center_(scores, key_mask, start, q.dtype.type(scale))
-    np.exp(scores, out=scores)
-    _normalise_rows_(scores.reshape(-1, scores.shape[-1]))
-    out = np.matmul(scores, v)                                                  # [B, H, T, D]
-    return out.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    # Queries in blocks, each against only the keys it can see: a causal prompt needs about
+    # half of the full T x S products, and a block's scores stay in cache.
+    q = q.transpose(0, 2, 1, 3)                                                 # [B, H, T, D]
+    out = np.empty((B, T, H, D), dtype=q.dtype)
+    for t0 in range(0, T, _QUERY_BLOCK):
+        t1 = min(T, t0 + _QUERY_BLOCK)
+        visible = start + t1
+        scores = np.matmul(q[:, :, t0:t1], k[:, :, :visible].transpose(0, 1, 3, 2))  # [B, H, t, s]
+        _scale_mask_center_(scores, key_mask[:, :visible], start + t0, q.dtype.type(scale))
+        np.exp(scores, out=scores)
+        _normalise_rows_(scores.reshape(-1, visible))
+        out[:, t0:t1] = np.matmul(scores, v[:, :, :visible]).transpose(0, 2, 1, 3)
+    return out.reshape(B, T, H * D)
+
+
+_QUERY_BLOCK = 128

@@ -57,7 +57,8 @@ def test_softmax_matches_torch(impl, dtype):
     np.testing.assert_allclose(out, F.softmax(torch.from_numpy(x), dim=-1).numpy(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("T, start", [(9, 0), (1, 8), (4, 5)], ids=["prefill", "decode", "chunk"])
+@pytest.mark.parametrize("T, start", [(9, 0), (1, 8), (4, 5), (300, 0), (150, 21)],
+                         ids=["prefill", "decode", "chunk", "long-prefill", "long-chunk"])
 def test_causal_attention_matches_sdpa(impl, dtype, T, start):
     """Queries at positions start..start+T-1 over S = start + T keys, against torch's causal SDPA."""
     B, H, D = 2, 3, 16
