@@ -28,6 +28,15 @@ VARIANTS = {
     "tiny-scaled": {**TINY, "scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True},
 }
 GPT2_124M = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+# n_embd, n_layer, n_head of the published checkpoints (the config.json of each hub repo),
+# written out here as the reference, not read from numpy_gpt2.config.
+PUBLISHED = {
+    "gpt2": (768, 12, 12),
+    "gpt2-medium": (1024, 24, 16),
+    "gpt2-large": (1280, 36, 20),
+    "gpt2-xl": (1600, 48, 25),
+    "distilgpt2": (768, 6, 12),
+}
 
 
 @dataclasses.dataclass

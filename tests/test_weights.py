@@ -20,21 +20,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import TINY, build_reference, tolerance
+from conftest import PUBLISHED, TINY, build_reference, tolerance
 from numpy_gpt2 import GPT2, GPT2Config
 from numpy_gpt2.config import PRESETS
 from numpy_gpt2.errors import CheckpointError, ConfigError, ModelNotFoundError
 from numpy_gpt2.weights import infer_config, load_checkpoint, resolve
 from numpy_gpt2.weights.resolve import resolve_model
 
-# n_embd, n_layer, n_head of the published checkpoints (the config.json of each hub repo).
-PUBLISHED = {
-    "gpt2": (768, 12, 12),
-    "gpt2-medium": (1024, 24, 16),
-    "gpt2-large": (1280, 36, 20),
-    "gpt2-xl": (1600, 48, 25),
-    "distilgpt2": (768, 6, 12),
-}
 
 
 def _ids(vocab, shape, seed=0):
