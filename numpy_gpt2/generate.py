@@ -134,15 +134,21 @@ def _eos_set(model, eos_token_id):
     return {int(i) for i in ids}
 
 
-def stream(model, input_ids, max_new_tokens: int = 50, do_sample: bool = False, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           eos_token_id=_DEFAULT, attention_mask=None, stop_strings=None, tokenizer=None,
-           pad_token_id: int | None = None) -> Iterator[np.ndarray]:
+def stream(model, input_ids, max_new_tokens: int = 50, **kwargs) -> Iterator[np.ndarray]:
     """An iterator over the next token of every row, [B] int64, one step at a time.
 
-    Arguments as `generate`; they are checked here, before the first step runs. Rows that have finished (end-of-text or a stop string) yield
-    `pad_token_id` (default: the first eos id, else 0) until every row is done.
+    Arguments as `generate`; they are checked here, before the first step runs. Rows that have
+    finished (end-of-text or a stop string) yield `pad_token_id` (default: the first eos id,
+    else 0) until every row is done.
     """
+    return _start(model, input_ids, max_new_tokens, **kwargs)[1]
+
+
+def _start(model, input_ids, max_new_tokens: int = 50, do_sample: bool = False, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           eos_token_id=_DEFAULT, attention_mask=None, stop_strings=None, tokenizer=None,
+           pad_token_id: int | None = None):
+    """Check every argument and set up; -> (the padded prompts [B, T], the step iterator)."""
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise GPT2Error(f"max_new_tokens must be an integer >= 0, found {max_new_tokens!r}")
@@ -158,7 +164,8 @@ def stream(model, input_ids, max_new_tokens: int = 50, do_sample: bool = False, 
             f"of n_positions={P}; shorten the prompt or ask for at most {max(P - T, 0)} new tokens"
         )
     stops = _StopStrings(stop_strings, tokenizer, B)
-    return _decode(model, ids, mask, max_new_tokens, sampling, np.random.default_rng(seed), eos, pad, stops)
+    rng = np.random.default_rng(seed)
+    return ids, _decode(model, ids, mask, max_new_tokens, sampling, rng, eos, pad, stops)
 
 
 def _decode(model, ids, mask, max_new_tokens, sampling, rng, eos, pad, stops):
@@ -195,11 +202,9 @@ def generate(model, input_ids, max_new_tokens: int = 50, **kwargs) -> np.ndarray
     Like Hugging Face, the result holds the (padded) prompts followed by the new tokens, and
     stops early once every row has finished.
     """
-    pad = kwargs.get("pad_token_id")
-    ids, mask = _as_batch(input_ids, kwargs.pop("attention_mask", None),
-                          pad if pad is not None else min(_eos_set(model, kwargs.get("eos_token_id", _DEFAULT)), default=0))
-    steps = list(stream(model, ids, max_new_tokens, attention_mask=mask, **kwargs))
-    new = np.stack(steps, axis=1) if steps else np.zeros((ids.shape[0], 0), dtype=np.int64)
+    ids, steps = _start(model, input_ids, max_new_tokens, **kwargs)
+    new = list(steps)
+    new = np.stack(new, axis=1) if new else np.zeros((ids.shape[0], 0), dtype=np.int64)
     return np.concatenate([ids.astype(np.int64), new], axis=1)
 
 
