@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from . import kernels
+from . import kernels, ops
 from .config import GPT2Config
 from .errors import GPT2Error
 from .ops import linear
@@ -81,6 +81,22 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.k.shape[3]
+
+
+@dataclasses.dataclass
+class Trace:
+    """What happens inside one forward pass, as `GPT2.trace` returns it.
+
+    logits: [B, T, V]
+    hidden_states: n_layer + 1 arrays [B, T, C]: the embeddings, then each block's output, the
+        last one after the final layernorm (as Hugging Face's output_hidden_states)
+    attentions: n_layer arrays [B, H, T, T]: each layer's attention weights (each row sums to
+        1 over the positions that query may see)
+    """
+
+    logits: np.ndarray
+    hidden_states: list
+    attentions: list
 
 
 class GPT2:
@@ -191,8 +207,12 @@ class GPT2:
                 f"input of {T} positions after {start} cached ones exceeds the cache capacity "
                 f"{cache.capacity} (n_positions={self.config.n_positions})"
             )
-        self._set_mask(cache, attention_mask, start, T)
-        positions = self._positions(cache, position_ids, start, T)
+        if attention_mask is None:
+            cache.key_mask[:, start:start + T] = True
+        else:
+            cache.key_mask[:, :start + T] = self._check_mask(attention_mask, B, start + T)
+        positions = (_count_positions(cache.key_mask[:, :start + T])[:, start:] if position_ids is None
+                     else self._check_positions(position_ids, B, T))
 
         x = self.wte[ids] + self.wpe[positions]                                    # [B, T, C]
         for layer, block in enumerate(self.h):
@@ -232,6 +252,40 @@ class GPT2:
         """x: [B, T, C] -> [B, T, C]: widen to F, tanh-GELU, project back."""
         return linear(kernels.linear_gelu(x, mlp.c_fc.weight, mlp.c_fc.bias), mlp.c_proj.weight, mlp.c_proj.bias)
 
+    def trace(self, input_ids, attention_mask=None) -> Trace:
+        """The forward pass written with the reference ops, keeping every layer's output.
+
+        input_ids: (T,) or (B, T); attention_mask: (B, T) of 0/1, 0 for padding.
+        The same maths as `forward`, one equation per line, in plain NumPy (`ops.py`) and with
+        no cache: for reading and for looking inside, not for speed.
+        """
+        ids = self._check_ids(input_ids)
+        B, T = ids.shape
+        if T > self.config.n_positions:
+            raise GPT2Error(f"input_ids has {T} positions, more than n_positions={self.config.n_positions}")
+        key_mask = np.ones((B, T), dtype=bool) if attention_mask is None else self._check_mask(attention_mask, B, T)
+        positions = _count_positions(key_mask)
+        H, D, eps = self.config.n_head, self.config.head_dim, self.config.layer_norm_epsilon
+
+        x = self.wte[ids] + self.wpe[positions]                                    # [B, T, C]
+        hidden_states, attentions = [x], []
+        for layer, block in enumerate(self.h):
+            h = ops.layer_norm(x, block.ln_1.weight, block.ln_1.bias, eps)
+            q, k, v = np.split(ops.linear(h, block.attn.c_attn.weight, block.attn.c_attn.bias), 3, axis=-1)
+            q = q.reshape(B, T, H, D)                                               # [B, T, H, D]
+            k, v = (a.reshape(B, T, H, D).transpose(0, 2, 1, 3) for a in (k, v))   # [B, H, T, D]
+            weights = ops.attention_weights(q, k, key_mask, 0, self.attn_scales[layer])
+            heads = np.einsum("bhts,bhsd->bthd", weights, v).reshape(B, T, H * D)
+            x = x + ops.linear(heads, block.attn.c_proj.weight, block.attn.c_proj.bias)
+            h = ops.layer_norm(x, block.ln_2.weight, block.ln_2.bias, eps)
+            h = ops.gelu_tanh(ops.linear(h, block.mlp.c_fc.weight, block.mlp.c_fc.bias))
+            x = x + ops.linear(h, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+            hidden_states.append(x)
+            attentions.append(weights)
+        x = ops.layer_norm(x, self.ln_f.weight, self.ln_f.bias, eps)
+        hidden_states[-1] = x
+        return Trace(x @ self.wte.T, hidden_states, attentions)
+
     # ---- generation ----------------------------------------------------------------------
 
     def generate(self, input_ids, max_new_tokens: int = 50, **kwargs) -> np.ndarray:
@@ -267,33 +321,32 @@ class GPT2:
         return ids
 
     @staticmethod
-    def _set_mask(cache: KVCache, attention_mask, start: int, T: int):
-        if attention_mask is None:
-            cache.key_mask[:, start:start + T] = True
-            return
+    def _check_mask(attention_mask, B: int, S: int) -> np.ndarray:
+        """attention_mask as bool [B, S], or GPT2Error naming what is wrong."""
         mask = np.asarray(attention_mask)
         if mask.ndim == 1:
             mask = mask[None]
-        if mask.shape != (cache.batch_size, start + T):
-            raise GPT2Error(
-                f"attention_mask must have shape (B, cached + new) = {(cache.batch_size, start + T)}, "
-                f"found {mask.shape}"
-            )
+        if mask.shape != (B, S):
+            raise GPT2Error(f"attention_mask must have shape (B, cached + new) = {(B, S)}, found {mask.shape}")
         if not np.isin(mask, (0, 1)).all():
             raise GPT2Error("attention_mask must hold only 0 and 1")
-        cache.key_mask[:, :start + T] = mask.astype(bool)
+        return mask.astype(bool)
 
-    def _positions(self, cache: KVCache, position_ids, start: int, T: int) -> np.ndarray:
-        if position_ids is None:
-            # Padding does not advance the position: a left-padded row starts at 0 like a lone one.
-            counted = np.cumsum(cache.key_mask[:, :start + T], axis=1) - 1
-            return np.maximum(counted[:, start:], 0)
+    def _check_positions(self, position_ids, B: int, T: int) -> np.ndarray:
         positions = np.asarray(position_ids)
         if positions.ndim == 1:
             positions = positions[None]
-        if positions.shape != (cache.batch_size, T) or not np.issubdtype(positions.dtype, np.integer):
-            raise GPT2Error(f"position_ids must be integers of shape {(cache.batch_size, T)}, found "
+        if positions.shape != (B, T) or not np.issubdtype(positions.dtype, np.integer):
+            raise GPT2Error(f"position_ids must be integers of shape {(B, T)}, found "
                             f"{positions.dtype} {positions.shape}")
         if positions.min() < 0 or positions.max() >= self.config.n_positions:
             raise GPT2Error(f"position_ids must be in 0..{self.config.n_positions - 1}")
         return positions
+
+
+def _count_positions(key_mask: np.ndarray) -> np.ndarray:
+    """key_mask: [B, S] bool -> the position id of each slot [B, S].
+
+    Padding does not advance the position: a left-padded row starts at 0 as it would alone.
+    """
+    return np.maximum(np.cumsum(key_mask, axis=1) - 1, 0)

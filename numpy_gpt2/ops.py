@@ -39,6 +39,25 @@ def linear(x, weight, bias):
     return x @ weight + bias
 
 
+def attention_weights(q, k, key_mask, start, scale):
+    """softmax(scale * q.k) over the keys each query may see: [B, H, T, S].
+
+    q: [B, T, H, D] queries for absolute positions start .. start+T-1
+    k: [B, H, S, D] keys for positions 0 .. S-1 (S = start + T)
+    key_mask: [B, S] bool, False for padding keys that no query may see
+    A query that can see no key at all gets all-zero weights.
+    """
+    T, S = q.shape[1], k.shape[2]
+    q_pos = start + np.arange(T)[:, None]                                   # [T, 1]
+    visible = (np.arange(S)[None, :] <= q_pos)[None] & key_mask[:, None, :]  # [B, T, S]
+    scores = np.einsum("bthd,bhsd->bhts", q, k) * q.dtype.type(scale)      # [B, H, T, S]
+    scores = np.where(visible[:, None], scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    e = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0))
+    total = e.sum(axis=-1, keepdims=True)
+    return e / np.where(total > 0, total, 1)
+
+
 def causal_attention(q, k, v, key_mask, start, scale):
     """Scaled dot-product attention of new queries over all keys, causal and masked.
 
@@ -51,14 +70,6 @@ def causal_attention(q, k, v, key_mask, start, scale):
     """
     B, T, H, D = q.shape
     S = start + T
-    k, v, key_mask = k[:, :, :S], v[:, :, :S], key_mask[:, :S]
-    q_pos = start + np.arange(T)[:, None]                                   # [T, 1]
-    visible = (np.arange(S)[None, :] <= q_pos)[None] & key_mask[:, None, :]  # [B, T, S]
-    scores = np.einsum("bthd,bhsd->bhts", q, k) * q.dtype.type(scale)      # [B, H, T, S]
-    scores = np.where(visible[:, None], scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True)
-    e = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0))
-    total = e.sum(axis=-1, keepdims=True)
-    weights = e / np.where(total > 0, total, 1)
-    out = np.einsum("bhts,bhsd->bthd", weights, v)                         # [B, T, H, D]
+    weights = attention_weights(q, k[:, :, :S], key_mask[:, :S], start, scale)  # [B, H, T, S]
+    out = np.einsum("bhts,bhsd->bthd", weights, v[:, :, :S])                   # [B, T, H, D]
     return out.reshape(B, T, H * D)

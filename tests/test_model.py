@@ -122,3 +122,47 @@ def test_cache_overflow_and_mask_shape_errors(tiny_ref):
 def test_num_parameters_matches_torch(tiny_ref):
     model = GPT2.from_pretrained(tiny_ref.hub_dir)
     assert model.num_parameters() == sum(p.numel() for p in tiny_ref.torch_model.parameters())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_trace_matches_transformers_hidden_states_and_attentions(tiny_refs, variant, dtype):
+    """GPT2.trace against transformers' output_hidden_states / output_attentions (eager)."""
+    import torch
+
+    ref = tiny_refs[variant]
+    ids = _ids(ref.config["vocab_size"], (2, 17), seed=8)
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    model_t = ref.torch_model.to(getattr(torch, dtype))
+    attentions = [m for m in model_t.modules() if hasattr(m, "reorder_and_upcast_attn")]
+    upcast = [m.reorder_and_upcast_attn for m in attentions]
+    for m in attentions:  # its upcast path refuses float64; the maths is the same (see conftest)
+        m.reorder_and_upcast_attn = m.reorder_and_upcast_attn and dtype == "float32"
+    try:
+        with torch.no_grad():
+            out = model_t(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                          position_ids=torch.as_tensor(positions), output_hidden_states=True, output_attentions=True)
+    finally:
+        ref.torch_model.float()
+        for m, flag in zip(attentions, upcast):
+            m.reorder_and_upcast_attn = flag
+    trace = GPT2.from_pretrained(ref.hub_dir, dtype=dtype).trace(ids, attention_mask=mask)
+    assert len(trace.hidden_states) == len(out.hidden_states) == ref.config["n_layer"] + 1
+    assert len(trace.attentions) == len(out.attentions) == ref.config["n_layer"]
+    rows = [(0, slice(None)), (1, slice(5, None))]  # transformers' values at padded queries are arbitrary
+    for ours, theirs in zip(trace.hidden_states + trace.attentions + [trace.logits],
+                            list(out.hidden_states) + list(out.attentions) + [out.logits]):
+        theirs = theirs.numpy()
+        assert ours.dtype == np.dtype(dtype) and ours.shape == theirs.shape
+        for b, t in rows:
+            query_axis = 1 if ours.ndim == 3 else 2
+            index = (b, t) if query_axis == 1 else (b, slice(None), t)
+            np.testing.assert_allclose(ours[index], theirs[index], rtol=0, atol=tolerance(theirs[index], dtype))
+
+
+def test_trace_logits_equal_forward(tiny_ref):
+    model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype="float64")
+    ids = _ids(1000, (2, 20), seed=9)
+    np.testing.assert_allclose(model.trace(ids).logits, model(ids), rtol=0, atol=1e-12)
