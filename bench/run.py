@@ -135,7 +135,7 @@ def random_checkpoint(directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
     mask = np.tril(np.ones((P, P), np.float32))[None, None]
     for i in range(config.n_layer):
         tensors[f"h.{i}.attn.bias"] = mask
-    safetensors_file.write(directory / "model.safetensors", tensors, metadata={"format": "pt"})
+    safetensors_file.write_arrays(directory / "model.safetensors", tensors, metadata={"format": "pt"})
     config.save_json(directory / "config.json")  # written last: its presence marks a whole checkpoint
     return directory
 

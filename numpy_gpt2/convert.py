@@ -7,23 +7,21 @@ A Hugging Face directory, as transformers' `GPT2LMHeadModel.from_pretrained` loa
     vocab.json         SRC's own tokenizer files (vocab.json/merges.txt or OpenAI's
     merges.txt         encoder.json/vocab.bpe), else the packaged ones: the same bytes
 
-The safetensors file is written here rather than by `safetensors.numpy.save_file` because
-NumPy has no bfloat16 (its bits are written as uint16 under the header dtype "BF16"), and so
-that tensors stream to disk one at a time instead of as a second full copy in memory.
+The tensors stream to disk one at a time (`safetensors_file.write`), converted to the stored
+dtype as they go, so the model is never in memory twice.
 """
 
-import json
-import os
 import pathlib
-import struct
 
 import numpy as np
 
 from .errors import CheckpointError, GPT2Error
-from .fileio import atomic_path, atomic_write_bytes
-from .tokenizer import _find_files, _packaged_data_dir
+from .fileio import atomic_write_bytes
+from .tokenizer import find_tokenizer_files, packaged_files
 from .weights import Checkpoint, expected_shapes, load_checkpoint
-from .weights.llmc import bfloat16_bits, write_llmc
+from .weights.llmc import write_llmc
+from .weights.safetensors_file import bfloat16_bits
+from .weights.safetensors_file import write as write_safetensors_file
 from .weights.resolve import resolve_model
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -86,29 +84,11 @@ def _check_destination(dst: pathlib.Path, to_llmc: bool, force: bool) -> None:
 
 
 def write_safetensors(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:
-    """Write `checkpoint`'s tensors as a .safetensors file of `dtype`, atomically, one tensor at a time.
-
-    The format: an 8-byte little-endian header length N, N bytes of JSON (padded with spaces
-    to a multiple of 8, so the data is 8-byte aligned) giving each tensor's dtype, shape and
-    [begin, end) offsets into the data, then the data, back to back in header order.
-    """
-    file_dtype, np_dtype = _FILE_DTYPES[dtype]
-    shapes = expected_shapes(checkpoint.config)
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        size = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
-        header[name] = {"dtype": file_dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for name in shapes:
-            f.write(_encode(checkpoint.array(name, np.float32), dtype, name, path).data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write `checkpoint`'s tensors as a .safetensors file of `dtype`, atomically, in the hub layout."""
+    file_dtype = _FILE_DTYPES[dtype][0]
+    specs = {name: (file_dtype, shape) for name, shape in expected_shapes(checkpoint.config).items()}
+    write_safetensors_file(path, specs, lambda name: _encode(checkpoint.array(name, np.float32), dtype, name, path),
+                           metadata={"format": "pt"})
 
 
 def _encode(array: np.ndarray, dtype: str, name: str, path) -> np.ndarray:
@@ -126,9 +106,7 @@ def _encode(array: np.ndarray, dtype: str, name: str, path) -> np.ndarray:
 
 def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
     """Copy the BPE files the engine would use for `src` to dst/vocab.json and dst/merges.txt."""
-    found = _find_files(src if src.is_dir() else src.parent)
-    data = _packaged_data_dir()
-    vocab, merges = found if found is not None else (data / "encoder.json", data / "vocab.bpe")
+    vocab, merges = find_tokenizer_files(src if src.is_dir() else src.parent) or packaged_files()
     for source, name in ((vocab, "vocab.json"), (merges, "merges.txt")):
         target = dst / name
         if pathlib.Path(str(source)).resolve() != target.resolve():

@@ -242,9 +242,10 @@ class _StopStrings:
         for row, (t, done) in enumerate(zip(token, finished)):
             if done:
                 continue
+            piece = self.tokenizer.token_bytes(int(t))
             text = self.generated[row]
-            text += self.tokenizer.token_bytes(int(t))
+            text += piece
             # Only the tail can hold a stop string that this token completed.
-            tail = bytes(text[-(self.longest + len(self.tokenizer.token_bytes(int(t)))):])
+            tail = bytes(text[-(self.longest + len(piece)):])
             hit[row] = any(s in tail for s in self.stops)
         return hit

@@ -49,6 +49,12 @@ def _packaged_data_dir():
     return importlib.resources.files("numpy_gpt2") / "data"
 
 
+def packaged_files():
+    """The packaged (encoder.json, vocab.bpe): OpenAI's files, which vocab.json/merges.txt equal."""
+    data = _packaged_data_dir()
+    return data / "encoder.json", data / "vocab.bpe"
+
+
 @functools.lru_cache(maxsize=1)
 def _data_gym_alphabet() -> dict[str, int]:
     """Map each character of the data gym alphabet to the byte it stands for.
@@ -199,7 +205,7 @@ def _build_encoding(encoder_source, merges_source, expected_sha256: dict[str, st
     )
 
 
-def _find_files(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path] | None:
+def find_tokenizer_files(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path] | None:
     """The (vocab, merges) pair in `directory`, or None if it holds neither pair.
 
     Half a pair is an error rather than a silent fall back to the packaged files, which could
@@ -230,8 +236,7 @@ class Tokenizer:
     @functools.lru_cache(maxsize=1)
     def default(cls) -> "Tokenizer":
         """The tokenizer from the packaged files, hash-checked and built once per process."""
-        data = _packaged_data_dir()
-        return cls(_build_encoding(data / "encoder.json", data / "vocab.bpe", PACKAGED_SHA256))
+        return cls(_build_encoding(*packaged_files(), PACKAGED_SHA256))
 
     @classmethod
     def from_files(cls, encoder_json_path: str | os.PathLike, merges_path: str | os.PathLike) -> "Tokenizer":
@@ -250,7 +255,7 @@ class Tokenizer:
         if name_or_path is not None:
             path = pathlib.Path(name_or_path)
             directory = path if path.is_dir() else path.parent if path.is_file() else None
-            found = _find_files(directory) if directory is not None else None
+            found = find_tokenizer_files(directory) if directory is not None else None
             if found is not None:
                 return cls.from_files(*found)
         return cls.default()

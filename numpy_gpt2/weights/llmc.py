@@ -22,6 +22,7 @@ from ..config import GPT2Config
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_path
 from . import Checkpoint, expected_shapes, validate
+from .safetensors_file import bfloat16_bits
 
 MAGIC = 20240326
 HEADER_INTS = 256
@@ -74,19 +75,6 @@ def _shapes(config: GPT2Config, vp: int):
     C = config.n_embd
     sizes = {"Vp": vp, "maxT": config.n_positions, "C": C, "3C": 3 * C, "4C": 4 * C}
     return [(name, tuple(sizes[s] for s in shape), transposed) for name, shape, transposed in _LAYOUT]
-
-
-def bfloat16_bits(array: np.ndarray) -> np.ndarray:
-    """float -> the uint16 bits of bfloat16, rounded to nearest even (as torch rounds).
-
-    NumPy has no bfloat16; bfloat16 is the top half of a float32, so files store those bits.
-    """
-    x = np.ascontiguousarray(array, dtype=np.float32)
-    bits = x.view(np.uint32)
-    # Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, then drop 16 bits.
-    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    # A NaN would round into infinity or wrap around: keep its sign and make it a quiet NaN.
-    return np.where(np.isnan(x), ((bits >> 16) | np.uint32(0x0040)).astype(np.uint16), rounded)
 
 
 def _encode(array: np.ndarray, dtype: str) -> np.ndarray:

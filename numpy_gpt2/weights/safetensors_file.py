@@ -4,7 +4,8 @@ The format: an 8-byte little-endian header length N, N bytes of JSON mapping eac
 {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the data that follows), and an
 optional "__metadata__" entry. We parse it ourselves so that float32 tensors come back as
 read-only views of one `np.memmap` (no copy, pages loaded on first use) and so that a truncated
-or corrupt file is reported as such.
+or corrupt file is reported as such. `write` is the one writer of the format, streaming one
+tensor at a time, bfloat16 included (as its raw bits).
 """
 
 import json
@@ -14,6 +15,7 @@ import struct
 import numpy as np
 
 from ..errors import CheckpointError
+from ..fileio import atomic_path
 
 # bfloat16 has no NumPy dtype: it is read as uint16 and widened to float32 (see `to_float`).
 _DTYPES = {
@@ -109,11 +111,48 @@ def to_float(array, file_dtype, dtype):
     return array if array.dtype == dtype else array.astype(dtype)
 
 
-def write(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write `tensors` (name -> C-contiguous array) as a .safetensors file, atomically."""
-    from safetensors.numpy import save_file
+def bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """float -> the uint16 bits of bfloat16, rounded to nearest even (as torch rounds).
 
-    from ..fileio import atomic_path
+    NumPy has no bfloat16; bfloat16 is the top half of a float32, so files store those bits.
+    """
+    x = np.ascontiguousarray(array, dtype=np.float32)
+    bits = x.view(np.uint32)
+    # Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, then drop 16 bits.
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    # A NaN would round into infinity or wrap around: keep its sign and make it a quiet NaN.
+    return np.where(np.isnan(x), ((bits >> 16) | np.uint32(0x0040)).astype(np.uint16), rounded)
 
-    with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+
+def write(path, specs: dict, produce, metadata: dict | None = None) -> None:
+    """Write a .safetensors file atomically, one tensor at a time.
+
+    specs: name -> (header dtype string such as "F32" or "BF16", shape), in file order
+    produce: name -> the C-contiguous array of that tensor's stored values, called as each is
+        written, so a converted model never sits in memory twice
+    The header is padded with spaces to a multiple of 8 bytes, so the data is 8-byte aligned.
+    """
+    header, offset = {"__metadata__": metadata or {}}, 0
+    for name, (file_dtype, shape) in specs.items():
+        size = int(np.prod(shape, dtype=np.int64)) * _DTYPES[file_dtype].itemsize
+        header[name] = {"dtype": file_dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for name, (file_dtype, shape) in specs.items():
+            array = produce(name)
+            if array.dtype != _DTYPES[file_dtype] or array.shape != tuple(shape):
+                raise ValueError(f"tensor {name}: produced {array.dtype} {array.shape}, declared {file_dtype} {shape}")
+            f.write(np.ascontiguousarray(array).data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_arrays(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write name -> array (float32, float16, float64 or integer) as a .safetensors file."""
+    names = {dtype: name for name, dtype in _DTYPES.items() if name != "BF16"}
+    specs = {name: (names[np.dtype(a.dtype).newbyteorder("<")], a.shape) for name, a in tensors.items()}
+    write(path, specs, tensors.__getitem__, metadata)
