@@ -4,10 +4,16 @@ Each public function here has the signature of its namesake in `ops.py` (or, whe
 ops, of their composition); a jitted loop does the work over a 2-D view. The tests feed both
 versions the same input and compare them with torch.
 
-Threads: the matrix products (NumPy's BLAS) use every core; these loops run on the calling
-thread. After each product the BLAS workers spin for a while waiting for more work, so a Numba
-thread pool started right then fights them for the cores: measured here, that made decoding
-twenty times slower. The loops are cheap next to the products, so serial is the right call.
+Matrix products: for many rows (a prompt) they go to NumPy's BLAS. For a few rows (decoding:
+one row per sequence) every weight is read once per token and the product is a stream through
+memory; BLAS reaches about 28 GB/s on it here, the Numba loops below about 35-40 GB/s, by
+splitting the rows of the weight between the threads and summing eight of them per pass.
+
+Threads: a decoding step with few rows runs entirely in Numba's thread pool, so the attention
+over the cache is parallel over heads there. Everywhere else the Numba loops run on the calling
+thread: after a BLAS product its workers spin for a while waiting for more work, and a Numba
+pool started right then fights them for the cores (measured here: decoding twenty times
+slower). Hence two builds of the attention loop.
 
 Every jitted function has `cache=True`: the compile cost (a few seconds) is paid once per
 machine, not once per process.
@@ -24,6 +30,12 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy")
 # Reassociation lets LLVM vectorise the sums; it changes only the rounding order. No flag that
 # assumes finite values: the masking below relies on -inf.
 _FAST = dict(_JIT, fastmath={"reassoc", "contract"})
+_PARALLEL = dict(_FAST, parallel=True)
+
+# Up to FEW_ROWS rows the products go through the Numba loops below, beyond it through BLAS;
+# up to _THIN_ROWS the head is computed as (wte @ x.T).T (see `matmul_transposed`).
+FEW_ROWS = 8
+_THIN_ROWS = 64
 
 
 @numba.njit(**_JIT)
@@ -112,17 +124,135 @@ def gelu_tanh(x):
     return out.reshape(x.shape)
 
 
+# ---- products of a few rows with a weight matrix --------------------------------------------
+
+@numba.njit(**_PARALLEL)
+def _few_rows_times(x, weight, threads, out):
+    """x: [M, K] @ weight: [K, N] -> out: [M, N], for a few rows M.
+
+    Each of `threads` bands of the weight's K rows is one contiguous stream through memory; a
+    thread adds eight rows per pass into the band's partial sum [M, N], and the partial sums
+    are added last. (`threads` is an argument: calling numba.get_num_threads in here would
+    keep the function out of the cache.)
+    """
+    M, K = x.shape
+    N = weight.shape[1]
+    band = ((K + threads - 1) // threads + 7) // 8 * 8
+    partial = np.zeros((threads, M, N), dtype=out.dtype)
+    for t in numba.prange(threads):
+        k, k_end = t * band, min(K, (t + 1) * band)
+        while k + 8 <= k_end:
+            for m in range(M):
+                acc = partial[t, m]
+                x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+                x4, x5, x6, x7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
+                for n in range(N):
+                    acc[n] += (x0 * weight[k, n] + x1 * weight[k + 1, n] + x2 * weight[k + 2, n]
+                               + x3 * weight[k + 3, n] + x4 * weight[k + 4, n] + x5 * weight[k + 5, n]
+                               + x6 * weight[k + 6, n] + x7 * weight[k + 7, n])
+            k += 8
+        while k < k_end:
+            for m in range(M):
+                acc = partial[t, m]
+                xk = x[m, k]
+                for n in range(N):
+                    acc[n] += xk * weight[k, n]
+            k += 1
+    for m in range(M):
+        for n in range(N):
+            total = partial[0, m, n]
+            for t in range(1, threads):
+                total += partial[t, m, n]
+            out[m, n] = total
+
+
+@numba.njit(**_PARALLEL)
+def _few_rows_times_transposed(x, weight, out):
+    """x: [M, K] @ weight.T, weight: [N, K] -> out: [M, N], for a few rows M (the tied head).
+
+    Threads take blocks of the weight's rows; each row is read from memory once and dotted with
+    four rows of x at a time while it sits in L1.
+    """
+    N, K = weight.shape
+    M = x.shape[0]
+    n_blocks = min(N, 256)
+    per_block = (N + n_blocks - 1) // n_blocks
+    zero = out.dtype.type(0)
+    for block in numba.prange(n_blocks):
+        for n in range(block * per_block, min(N, (block + 1) * per_block)):
+            m = 0
+            while m + 4 <= M:
+                s0 = s1 = s2 = s3 = zero
+                for k in range(K):
+                    w = weight[n, k]
+                    s0 += w * x[m, k]
+                    s1 += w * x[m + 1, k]
+                    s2 += w * x[m + 2, k]
+                    s3 += w * x[m + 3, k]
+                out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = s0, s1, s2, s3
+                m += 4
+            while m < M:
+                s0 = zero
+                for k in range(K):
+                    s0 += weight[n, k] * x[m, k]
+                out[m, n] = s0
+                m += 1
+
+
+def _rows(x):
+    """x: [..., K] -> a C-contiguous [rows, K] view or copy."""
+    return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+
+
+def _times(rows, weight):
+    """rows: [M <= FEW_ROWS, K] @ weight: [K, N] -> [M, N] through `_few_rows_times`."""
+    out = np.empty((rows.shape[0], weight.shape[1]), dtype=weight.dtype)
+    _few_rows_times(rows, weight, numba.get_num_threads(), out)
+    return out
+
+
+def linear(x, weight, bias):
+    """x: [..., in] -> [..., out] = x @ weight + bias (see `ops.linear`)."""
+    rows = _rows(x)
+    if len(rows) > FEW_ROWS:
+        return x @ weight + bias
+    out = _times(rows, weight)
+    out += bias
+    return out.reshape(x.shape[:-1] + (weight.shape[1],))
+
+
 def linear_gelu(x, weight, bias):
     """x: [..., in] -> [..., out]: gelu_tanh(x @ weight + bias), the bias added in the GELU pass.
 
     The twin of `ops.gelu_tanh(ops.linear(x, weight, bias))`.
     """
-    y = np.matmul(x, weight)
+    rows = _rows(x)
+    y = np.matmul(rows, weight) if len(rows) > FEW_ROWS else _times(rows, weight)
     out = np.empty_like(y)
     # A separate output, not in place: with input and output the same array LLVM's overlap
     # check fails and the loop runs unvectorised, 8x slower.
-    _bias_gelu(y.reshape(-1, y.shape[-1]), bias, out.reshape(-1, y.shape[-1]))
-    return out
+    _bias_gelu(y, bias, out)
+    return out.reshape(x.shape[:-1] + (weight.shape[1],))
+
+
+def matmul_transposed(x, weight):
+    """x: [..., K] @ weight.T, weight: [N, K] -> [..., N]; the tied head, x @ wte.T.
+
+    Up to FEW_ROWS rows through `_few_rows_times_transposed`. Up to _THIN_ROWS rows, BLAS gets
+    weight on the left: with it on the right it repacks the whole transposed operand on every
+    call, and streaming it once is 1.3-1.5x faster at 8-64 rows.
+    """
+    rows = _rows(x)
+    M, N = len(rows), weight.shape[0]
+    if M <= FEW_ROWS:
+        out = np.empty((M, N), dtype=weight.dtype)
+        _few_rows_times_transposed(rows, weight, out)
+    elif M <= _THIN_ROWS:
+        out = np.ascontiguousarray((weight @ rows.T).T)
+    else:
+        out = rows @ weight.T
+    return out.reshape(x.shape[:-1] + (N,))
+
 
 
 @numba.njit(**_JIT)
@@ -150,44 +280,61 @@ def softmax(x):
     return out.reshape(x.shape)
 
 
+@numba.njit(inline="always", **_FAST)
+def _attend_one(q, k, v, key_mask, start, scale, b, h, t, scores, out):
+    """One query, q[b, t, h]: its scores against the visible keys of head h, their softmax, and
+    the weighted sum of the values, in one pass over the cache -> out[b, t, h]."""
+    S, D = k.shape[2], k.shape[3]
+    zero = q.dtype.type(0)
+    last = min(start + t + 1, S)
+    row_max = -np.inf
+    for s in range(last):
+        if key_mask[b, s]:
+            dot = zero
+            for d in range(D):
+                dot += q[b, t, h, d] * k[b, h, s, d]
+            scores[s] = dot * scale
+            row_max = max(row_max, scores[s])
+    for d in range(D):
+        out[b, t, h, d] = zero
+    if row_max == -np.inf:
+        return
+    total = 0.0
+    for s in range(last):
+        if key_mask[b, s]:
+            scores[s] = math.exp(scores[s] - row_max)
+            total += scores[s]
+    inv_total = 1.0 / total
+    for s in range(last):
+        if key_mask[b, s]:
+            w = q.dtype.type(scores[s] * inv_total)
+            for d in range(D):
+                out[b, t, h, d] += w * v[b, h, s, d]
+
+
 @numba.njit(**_FAST)
 def _attend_over_cache(q, k, v, key_mask, start, scale, out):
     """q: [B, T, H, D]; k, v: [B, H, S, D]; key_mask: [B, S]; out: [B, T, H, D].
 
-    For each query: scores against the visible keys, their softmax, and the weighted sum of
-    values, in one pass over the cache and in the compute dtype. Made for decoding (T small).
+    Every query through `_attend_one`, on the calling thread. Made for decoding (T small).
     """
     B, T, H, D = q.shape
-    S = k.shape[2]
-    scores = np.empty(S, dtype=q.dtype)
-    zero = q.dtype.type(0)
+    scores = np.empty(k.shape[2], dtype=q.dtype)
     for b in range(B):
         for h in range(H):
             for t in range(T):
-                last = min(start + t + 1, S)
-                row_max = -np.inf
-                for s in range(last):
-                    if key_mask[b, s]:
-                        dot = zero
-                        for d in range(D):
-                            dot += q[b, t, h, d] * k[b, h, s, d]
-                        scores[s] = dot * scale
-                        row_max = max(row_max, scores[s])
-                for d in range(D):
-                    out[b, t, h, d] = zero
-                if row_max == -np.inf:
-                    continue
-                total = 0.0
-                for s in range(last):
-                    if key_mask[b, s]:
-                        scores[s] = math.exp(scores[s] - row_max)
-                        total += scores[s]
-                inv_total = 1.0 / total
-                for s in range(last):
-                    if key_mask[b, s]:
-                        w = q.dtype.type(scores[s] * inv_total)
-                        for d in range(D):
-                            out[b, t, h, d] += w * v[b, h, s, d]
+                _attend_one(q, k, v, key_mask, start, scale, b, h, t, scores, out)
+
+
+@numba.njit(**_PARALLEL)
+def _attend_over_cache_parallel(q, k, v, key_mask, start, scale, out):
+    """`_attend_over_cache` with the (row, head) pairs shared between Numba's threads."""
+    B, T, H, D = q.shape
+    for bh in numba.prange(B * H):
+        b, h = bh // H, bh % H
+        scores = np.empty(k.shape[2], dtype=q.dtype)
+        for t in range(T):
+            _attend_one(q, k, v, key_mask, start, scale, b, h, t, scores, out)
 
 
 @numba.njit(**_FAST)
@@ -236,13 +383,15 @@ def causal_attention(q, k, v, key_mask, start, scale):
     a whole cache of which only the first start+T positions are filled.
 
     One new position per row (decoding) goes through one Numba pass over the cache; give it
-    the C-contiguous cache arrays themselves (not a slice) and its inner loops vectorise.
+    the C-contiguous cache arrays themselves (not a slice) and its inner loops vectorise. With
+    at most FEW_ROWS rows the step's products run in Numba's pool too, and so does this pass.
     Several positions (a prompt) go through two BLAS products around a Numba softmax.
     """
     B, T, H, D = q.shape
     if T == 1:
         out = np.empty((B, T, H, D), dtype=q.dtype)
-        _attend_over_cache(np.ascontiguousarray(q), k, v, key_mask, start, q.dtype.type(scale), out)
+        attend = _attend_over_cache_parallel if B <= FEW_ROWS else _attend_over_cache
+        attend(np.ascontiguousarray(q), k, v, key_mask, start, q.dtype.type(scale), out)
         return out.reshape(B, T, H * D)
     # Queries in blocks, each against only the keys it can see: a causal prompt needs about
     # half of the full T x S products, and a block's scores stay in cache.

@@ -1,14 +1,17 @@
 """How many threads the matrix products use.
 
-The products run in NumPy's BLAS, which starts one thread per core; the Numba loops run on the
-calling thread (see `kernels.py`). `set_threads(n)` caps the BLAS pool at run time by calling
-the BLAS library's own setter, found among the libraries this process has loaded (OpenBLAS, as
-NumPy's wheels ship it, under any of its symbol prefixes; or MKL).
+Two pools share the cores: NumPy's BLAS, for the products of many rows, and Numba's, for the
+decoding steps of a few rows (see `kernels.py`); each starts one thread per core.
+`set_threads(n)` caps both at run time: Numba's through `numba.set_num_threads`, the BLAS by
+calling the library's own setter, found among the libraries this process has loaded (OpenBLAS,
+as NumPy's wheels ship it, under any of its symbol prefixes; or MKL).
 """
 
 import ctypes
 import functools
 import os
+
+import numba
 
 from .errors import GPT2Error
 
@@ -46,7 +49,7 @@ def _blas_library():
 
 
 def set_threads(n: int) -> None:
-    """Use `n` threads for the matrix products (BLAS) from now on in this process.
+    """Use `n` threads for the matrix products (BLAS and Numba) from now on in this process.
 
     Raises GPT2Error for n < 1. Where the BLAS cannot be found (not Linux, an unknown BLAS) it
     sets OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS for child processes only.
@@ -55,6 +58,8 @@ def set_threads(n: int) -> None:
         raise GPT2Error(f"threads must be a positive integer, found {n!r}")
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(n)
+    # Numba's pool has one thread per core (NUMBA_NUM_THREADS) and cannot grow past it.
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     setter, _ = _blas_library()
     if setter is not None:
         setter(ctypes.c_int(n))

@@ -3,6 +3,9 @@ torch.nn.functional on the same random input.
 
 Tolerances: float32 ops agree with torch to a few float32 ulps of the output's scale (rtol 1e-5,
 atol 1e-6); float64 to 1e-12, what double rounding leaves after a sum over a few hundred terms.
+Matrix products sum 61 terms in another order than torch, into outputs up to about 15 in size:
+in float32 that leaves a few ulps of the output's scale (ulp(15) = 1e-6) on every element, so
+they get atol 1e-5 there.
 """
 
 import math
@@ -17,6 +20,7 @@ F = torch.nn.functional
 
 IMPLS = {"ops": ops, "kernels": kernels}
 TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
+PRODUCT_TOL = {np.float32: dict(rtol=1e-5, atol=1e-5), np.float64: TOL[np.float64]}
 
 
 @pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
@@ -89,6 +93,43 @@ def test_causal_attention_key_mask_matches_sdpa(impl, dtype):
     assert np.all(out[1, :2] == 0)
     np.testing.assert_allclose(out[0], expected[0], **TOL[dtype])
     np.testing.assert_allclose(out[1, 2:], expected[1, 2:], **TOL[dtype])
+
+
+# Row counts on both sides of kernels.FEW_ROWS (Numba loops up to it, BLAS beyond) and of the
+# head's thin-row path; K = 61 is not a multiple of the eight rows the Numba loop takes per pass.
+ROWS = [1, 3, 4, 5, 8, 9, 64, 65]
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_linear_matches_torch(impl, dtype, rows):
+    x, weight, bias = _random((rows, 61), dtype), _random((61, 45), dtype, 1), _random(45, dtype, 2)
+    out = impl.linear(x, weight, bias)
+    ref = F.linear(torch.from_numpy(x), torch.from_numpy(weight.T.copy()), torch.from_numpy(bias))
+    assert out.dtype == dtype and out.shape == (rows, 45)
+    np.testing.assert_allclose(out, ref.numpy(), **PRODUCT_TOL[dtype])
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_linear_gelu_matches_torch(dtype, rows):
+    """The fused kernel against torch's linear followed by its tanh GELU, on a [2, T, K] input."""
+    x = _random((2, (rows + 1) // 2, 61), dtype)
+    weight, bias = _random((61, 70), dtype, 1), _random(70, dtype, 2)
+    out = kernels.linear_gelu(x, weight, bias)
+    ref = F.gelu(F.linear(torch.from_numpy(x), torch.from_numpy(weight.T.copy()), torch.from_numpy(bias)),
+                 approximate="tanh")
+    assert out.dtype == dtype and out.shape == x.shape[:2] + (70,)
+    np.testing.assert_allclose(out, ref.numpy(), **PRODUCT_TOL[dtype])
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_matmul_transposed_matches_torch(dtype, rows):
+    """The tied head, x @ wte.T, with a strided x as the model may hand it."""
+    x = _random((rows, 122), dtype)[:, ::2]
+    weight = _random((301, 61), dtype, 1)
+    out = kernels.matmul_transposed(x, weight)
+    ref = torch.from_numpy(x.copy()) @ torch.from_numpy(weight).T
+    assert out.dtype == dtype and out.shape == (rows, 301) and out.flags.c_contiguous
+    np.testing.assert_allclose(out, ref.numpy(), **PRODUCT_TOL[dtype])
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "gelu_tanh", "softmax"])

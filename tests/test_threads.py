@@ -1,5 +1,6 @@
-"""Thread control: the BLAS pool follows set_threads, and the numbers do not depend on it."""
+"""Thread control: the BLAS and Numba pools follow set_threads, and the numbers do not depend on it."""
 
+import numba
 import numpy as np
 import pytest
 
@@ -18,6 +19,17 @@ def test_set_threads_reaches_the_blas():
         threads.set_threads(before)
 
 
+def test_set_threads_reaches_numba():
+    before = numba.get_num_threads()
+    try:
+        threads.set_threads(1)
+        assert numba.get_num_threads() == 1
+        threads.set_threads(10_000)  # more than there are cores: Numba's pool stays at its size
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    finally:
+        threads.set_threads(before)
+
+
 def test_logits_do_not_depend_on_thread_count(tiny_ref):
     model = GPT2.from_pretrained(tiny_ref.hub_dir)
     ids = np.random.default_rng(0).integers(0, 1000, (2, 30))
@@ -27,6 +39,11 @@ def test_logits_do_not_depend_on_thread_count(tiny_ref):
         for n in (1, 2):
             threads.set_threads(n)
             np.testing.assert_allclose(model(ids), expected, atol=tolerance(expected, "float32"))
+            # A decoding step: two rows, so the products run in the Numba loops.
+            cache = model.new_cache(2)
+            model(ids[:, :-1], cache=cache)
+            step = model(ids[:, -1:], cache=cache)
+            np.testing.assert_allclose(step, expected[:, -1:], atol=tolerance(expected, "float32"))
     finally:
         threads.set_threads(before)
 
