@@ -22,6 +22,7 @@ import os
 import pathlib
 import platform
 import sys
+import time
 
 import measure  # standard library only: safe to import before the thread settings below
 
@@ -41,6 +42,7 @@ RATIO_TARGETS = {
 }
 COLD_START_TARGET_S = 2.0
 RSS_TARGET_RATIO = 1.25  # peak RSS over the size of the weight file
+SETTLE_SECONDS = 0.3  # pause before each timed run (see run_case)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +197,10 @@ def run_case(case: Case, engines: dict, repeats: int, ids) -> dict:
 
     def once(name):
         engine, n_new = engines[name], active[name]
+        # The previous engine's idle workers (OpenBLAS's, torch's and Numba's OpenMP threads)
+        # spin for a while after their last task, taking a core from whoever runs next; let
+        # them go to sleep first, so neither engine is timed against the other's leftovers.
+        time.sleep(SETTLE_SECONDS)
         if case.kind == "prefill":
             return engine.prefill(ids, case.keep_last), None
         return engine.decode(ids, n_new)

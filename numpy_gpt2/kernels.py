@@ -38,9 +38,12 @@ FEW_ROWS = 8
 _THIN_ROWS = 64
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_FAST)
 def _layer_norm_rows(x, gamma, beta, eps, out):
-    """x, out: [N, C]; out[n] = gamma * (x[n] - mean) / sqrt(var + eps) + beta, sums in float64."""
+    """x, out: [N, C]; out[n] = gamma * (x[n] - mean) / sqrt(var + eps) + beta, sums in float64.
+
+    (Reassociation lets the two sums vectorise: 3.7x faster here.)
+    """
     n_rows, C = x.shape
     for n in range(n_rows):
         mean = 0.0
@@ -214,10 +217,8 @@ def _times(rows, weight):
 def linear(x, weight, bias):
     """x: [..., in] -> [..., out] = x @ weight + bias (see `ops.linear`)."""
     rows = _rows(x)
-    if len(rows) > FEW_ROWS:
-        return x @ weight + bias
-    out = _times(rows, weight)
-    out += bias
+    out = np.matmul(rows, weight) if len(rows) > FEW_ROWS else _times(rows, weight)
+    out += bias  # in place: a second array of this size costs its page faults again
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
 
 
@@ -342,7 +343,8 @@ def _scale_mask_center_(scores, key_mask, start, scale):
     """scores: [B, H, T, S] of q.k, in place -> scale * q.k - row max, -inf where not visible.
 
     Query t sees keys 0..start+t whose key_mask is set. A row that sees no key is all -inf.
-    No exp here: that is left to NumPy's vectorised np.exp.
+    No exp here: that is left to NumPy's vectorised np.exp. The loops select rather than
+    branch, so they vectorise.
     """
     B, H, T, S = scores.shape
     for b in range(B):
@@ -352,13 +354,13 @@ def _scale_mask_center_(scores, key_mask, start, scale):
                 last = min(start + t + 1, S)
                 row_max = -np.inf
                 for s in range(last):
-                    if key_mask[b, s]:
-                        row_max = max(row_max, row[s] * scale)
-                for s in range(S):
-                    if s < last and key_mask[b, s] and row_max != -np.inf:
-                        row[s] = row[s] * scale - row_max
-                    else:
-                        row[s] = -np.inf
+                    row_max = max(row_max, row[s] * scale if key_mask[b, s] else -np.inf)
+                if row_max == -np.inf:
+                    last = 0
+                for s in range(last):
+                    row[s] = row[s] * scale - row_max if key_mask[b, s] else -np.inf
+                for s in range(last, S):
+                    row[s] = -np.inf
 
 
 @numba.njit(**_FAST)
@@ -394,17 +396,24 @@ def causal_attention(q, k, v, key_mask, start, scale):
         attend(np.ascontiguousarray(q), k, v, key_mask, start, q.dtype.type(scale), out)
         return out.reshape(B, T, H * D)
     # Queries in blocks, each against only the keys it can see: a causal prompt needs about
-    # half of the full T x S products, and a block's scores stay in cache.
+    # half of the full T x S products, and a block's scores stay in cache. The buffers are
+    # made once: a fresh array per block costs page faults that showed as half the time here.
     q = q.transpose(0, 2, 1, 3)                                                 # [B, H, T, D]
     out = np.empty((B, T, H, D), dtype=q.dtype)
-    for t0 in range(0, T, _QUERY_BLOCK):
-        t1 = min(T, t0 + _QUERY_BLOCK)
+    block = min(T, _QUERY_BLOCK)
+    scores_buffer = np.empty(B * H * block * (start + T), dtype=q.dtype)
+    heads_buffer = np.empty((B, H, block, D), dtype=q.dtype)
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
         visible = start + t1
-        scores = np.matmul(q[:, :, t0:t1], k[:, :, :visible].transpose(0, 1, 3, 2))  # [B, H, t, s]
+        scores = scores_buffer[:B * H * (t1 - t0) * visible].reshape(B, H, t1 - t0, visible)
+        np.matmul(q[:, :, t0:t1], k[:, :, :visible].transpose(0, 1, 3, 2), out=scores)  # [B, H, t, s]
         _scale_mask_center_(scores, key_mask[:, :visible], start + t0, q.dtype.type(scale))
         np.exp(scores, out=scores)
         _normalise_rows_(scores.reshape(-1, visible))
-        out[:, t0:t1] = np.matmul(scores, v[:, :, :visible]).transpose(0, 2, 1, 3)
+        heads = heads_buffer[:, :, :t1 - t0]
+        np.matmul(scores, v[:, :, :visible], out=heads)                        # [B, H, t, D]
+        out[:, t0:t1] = heads.transpose(0, 2, 1, 3)
     return out.reshape(B, T, H * D)
 
 
