@@ -442,7 +442,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="threads for every engine (default: all available cores)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per engine and case; the median is reported (default 3, 1 with --quick)")
+                        help="timed runs per engine and case; the median is reported (default 5, 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run with small sizes")
     parser.add_argument("--engines", default=",".join(ENGINE_ORDER),
                         help=f"comma-separated, of {', '.join(ENGINE_ORDER)} (default: all)")
@@ -464,7 +464,7 @@ def parse_args(argv=None):
     if args.threads < 1:
         parser.error("--threads must be at least 1")
     if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
+        args.repeats = 1 if args.quick else 5
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args

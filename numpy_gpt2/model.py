@@ -214,8 +214,8 @@ class GPT2:
 
         x = self.wte[ids] + self.wpe[positions]                                    # [B, T, C]
         for layer, block in enumerate(self.h):
-            x = x + self._attention(layer, block.attn, self._norm(x, block.ln_1), cache)
-            x = x + self._mlp(block.mlp, self._norm(x, block.ln_2))
+            x += self._attention(layer, block.attn, self._norm(x, block.ln_1), cache)
+            x += self._mlp(block.mlp, self._norm(x, block.ln_2))
         cache.length = start + T
         x = self._norm(x, self.ln_f)
         if logits_to_keep:
