@@ -4,16 +4,18 @@ Each public function here has the signature of its namesake in `ops.py` (or, whe
 ops, of their composition); a jitted loop does the work over a 2-D view. The tests feed both
 versions the same input and compare them with torch.
 
-Matrix products: for many rows (a prompt) they go to NumPy's BLAS. For a few rows (decoding:
-one row per sequence) every weight is read once per token and the product is a stream through
-memory; BLAS reaches about 28 GB/s on it here, the Numba loops below about 35-40 GB/s, by
-splitting the rows of the weight between the threads and summing eight of them per pass.
+Matrix products: for many rows (a prompt) they go to NumPy's BLAS, cut into one band of
+output columns per thread (`threads.run_in_parts`, the BLAS single-threaded in each), and the
+prompt's attention into groups of heads the same way. For a few rows (decoding: one row per
+sequence) every weight is read once per token and the product is a stream through memory;
+BLAS reaches about 28 GB/s on it here, the Numba loops below about 35-40 GB/s, by splitting
+the rows of the weight between the threads and summing eight of them per pass.
 
 Threads: a decoding step with few rows runs entirely in Numba's thread pool, so the attention
-over the cache is parallel over heads there. Everywhere else the Numba loops run on the calling
-thread: after a BLAS product its workers spin for a while waiting for more work, and a Numba
-pool started right then fights them for the cores (measured here: decoding twenty times
-slower). Hence two builds of the attention loop.
+over the cache is parallel over heads there. Everywhere else the Numba loops run on the
+calling thread, or on the thread of their part: a Numba pool started right after a
+multi-threaded BLAS product fights the BLAS's still-spinning workers for the cores (measured
+here: decoding twenty times slower). Hence two builds of the attention loop.
 
 Every jitted function has `cache=True`: the compile cost (a few seconds) is paid once per
 machine, not once per process.
@@ -23,6 +25,8 @@ import math
 
 import numba
 import numpy as np
+
+from .threads import run_in_parts
 
 # error_model="numpy": a float division by zero gives inf as in NumPy instead of raising, which
 # removes a branch from every division and lets loops vectorise (10x on the GELU here).
@@ -91,18 +95,22 @@ def _tanh_float32(u):
 
 
 @numba.njit(**_JIT)
-def _bias_gelu_rows(x, bias, out):
-    """x, out: [N, M]; out = gelu(x + bias), gelu(y) = 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))."""
+def _bias_gelu_rows(x, bias, out, col):
+    """x: [N, M], out: [N, >= col + M]; out[:, col:col+M] = gelu(x + bias),
+    gelu(y) = 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))).
+
+    (`out` whole and an offset, not a slice of columns: a strided view does not vectorise.)
+    """
     n_rows, M = x.shape
     c = math.sqrt(2.0 / math.pi)
     for n in range(n_rows):
         for m in range(M):
             y = x[n, m] + bias[m]
-            out[n, m] = 0.5 * y * (1.0 + math.tanh(c * (y + 0.044715 * y * y * y)))
+            out[n, col + m] = 0.5 * y * (1.0 + math.tanh(c * (y + 0.044715 * y * y * y)))
 
 
 @numba.njit(**_JIT)
-def _bias_gelu_rows_float32(x, bias, out):
+def _bias_gelu_rows_float32(x, bias, out, col):
     """`_bias_gelu_rows` for float32 with `_tanh_float32`: no call in the loop, so it vectorises."""
     n_rows, M = x.shape
     c = np.float32(math.sqrt(2.0 / math.pi))
@@ -111,12 +119,13 @@ def _bias_gelu_rows_float32(x, bias, out):
     for n in range(n_rows):
         for m in range(M):
             y = x[n, m] + bias[m]
-            out[n, m] = half * y * (1 + _tanh_float32(c * (y + a * y * y * y)))
+            out[n, col + m] = half * y * (1 + _tanh_float32(c * (y + a * y * y * y)))
 
 
-def _bias_gelu(x, bias, out):
+def _bias_gelu(x, bias, out, col=0):
+    """out[:, col:col + M] = gelu(x + bias) for x: [N, M]; out C-contiguous."""
     kernel = _bias_gelu_rows_float32 if x.dtype == np.float32 else _bias_gelu_rows
-    kernel(x, bias, out)
+    kernel(x, bias, out, col)
 
 
 def gelu_tanh(x):
@@ -215,33 +224,49 @@ def _times(rows, weight):
 
 
 def linear(x, weight, bias):
-    """x: [..., in] -> [..., out] = x @ weight + bias (see `ops.linear`)."""
+    """x: [..., in] -> [..., out] = x @ weight + bias (see `ops.linear`).
+
+    A few rows through `_few_rows_times`; more through BLAS, a band of output columns per
+    thread, so each part reads its own share of the weight.
+    """
     rows = _rows(x)
-    out = np.matmul(rows, weight) if len(rows) > FEW_ROWS else _times(rows, weight)
-    out += bias  # in place: a second array of this size costs its page faults again
+    if len(rows) <= FEW_ROWS:
+        out = _times(rows, weight)
+        out += bias
+    else:
+        out = np.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
+
+        def band(n0, n1):
+            np.matmul(rows, weight[:, n0:n1], out=out[:, n0:n1])
+            out[:, n0:n1] += bias[n0:n1]
+
+        run_in_parts(weight.shape[1], band)
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
 
 
 def linear_gelu(x, weight, bias):
     """x: [..., in] -> [..., out]: gelu_tanh(x @ weight + bias), the bias added in the GELU pass.
 
-    The twin of `ops.gelu_tanh(ops.linear(x, weight, bias))`.
+    The twin of `ops.gelu_tanh(ops.linear(x, weight, bias))`; shared out as `linear` is.
     """
     rows = _rows(x)
-    y = np.matmul(rows, weight) if len(rows) > FEW_ROWS else _times(rows, weight)
-    out = np.empty_like(y)
-    # A separate output, not in place: with input and output the same array LLVM's overlap
-    # check fails and the loop runs unvectorised, 8x slower.
-    _bias_gelu(y, bias, out)
+    out = np.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
+    # The GELU reads the product and writes `out`, a separate array: with input and output the
+    # same LLVM's overlap check fails and the loop runs unvectorised, 8x slower.
+    if len(rows) <= FEW_ROWS:
+        _bias_gelu(_times(rows, weight), bias, out)
+    else:
+        run_in_parts(weight.shape[1], lambda n0, n1: _bias_gelu(rows @ weight[:, n0:n1], bias[n0:n1], out, n0))
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
 
 
 def matmul_transposed(x, weight):
     """x: [..., K] @ weight.T, weight: [N, K] -> [..., N]; the tied head, x @ wte.T.
 
-    Up to FEW_ROWS rows through `_few_rows_times_transposed`. Up to _THIN_ROWS rows, BLAS gets
-    weight on the left: with it on the right it repacks the whole transposed operand on every
-    call, and streaming it once is 1.3-1.5x faster at 8-64 rows.
+    Up to FEW_ROWS rows through `_few_rows_times_transposed`. Beyond, BLAS with a band of the
+    weight's rows (of the output's columns) per thread. Up to _THIN_ROWS rows the weight goes
+    on the left: with it on the right BLAS repacks the whole transposed operand on every call,
+    and streaming it once is 1.3-1.5x faster at 8-64 rows.
     """
     rows = _rows(x)
     M, N = len(rows), weight.shape[0]
@@ -249,11 +274,13 @@ def matmul_transposed(x, weight):
         out = np.empty((M, N), dtype=weight.dtype)
         _few_rows_times_transposed(rows, weight, out)
     elif M <= _THIN_ROWS:
-        out = np.ascontiguousarray((weight @ rows.T).T)
+        out_t = np.empty((N, M), dtype=weight.dtype)
+        run_in_parts(N, lambda n0, n1: np.matmul(weight[n0:n1], rows.T, out=out_t[n0:n1]))
+        out = np.ascontiguousarray(out_t.T)
     else:
-        out = rows @ weight.T
+        out = np.empty((M, N), dtype=weight.dtype)
+        run_in_parts(N, lambda n0, n1: np.matmul(rows, weight[n0:n1].T, out=out[:, n0:n1]))
     return out.reshape(x.shape[:-1] + (N,))
-
 
 
 @numba.njit(**_JIT)
@@ -395,11 +422,21 @@ def causal_attention(q, k, v, key_mask, start, scale):
         attend = _attend_over_cache_parallel if B <= FEW_ROWS else _attend_over_cache
         attend(np.ascontiguousarray(q), k, v, key_mask, start, q.dtype.type(scale), out)
         return out.reshape(B, T, H * D)
-    # Queries in blocks, each against only the keys it can see: a causal prompt needs about
-    # half of the full T x S products, and a block's scores stay in cache. The buffers are
-    # made once: a fresh array per block costs page faults that showed as half the time here.
-    q = q.transpose(0, 2, 1, 3)                                                 # [B, H, T, D]
     out = np.empty((B, T, H, D), dtype=q.dtype)
+    run_in_parts(H, lambda h0, h1: _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out))
+    return out.reshape(B, T, H * D)
+
+
+def _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out):
+    """`causal_attention` of heads h0..h1-1 for T > 1 positions, into out: [B, T, H, D].
+
+    Queries in blocks, each against only the keys it can see: a causal prompt needs about half
+    of the full T x S products, and a block's scores stay in cache. The buffers are made once:
+    a fresh array per block costs page faults that showed as half the time here.
+    """
+    B, T, H, D = q.shape
+    q, k, v = q[:, :, h0:h1].transpose(0, 2, 1, 3), k[:, h0:h1], v[:, h0:h1]    # [B, h, T or S, D]
+    H = h1 - h0
     block = min(T, _QUERY_BLOCK)
     scores_buffer = np.empty(B * H * block * (start + T), dtype=q.dtype)
     heads_buffer = np.empty((B, H, block, D), dtype=q.dtype)
@@ -407,14 +444,13 @@ def causal_attention(q, k, v, key_mask, start, scale):
         t1 = min(T, t0 + block)
         visible = start + t1
         scores = scores_buffer[:B * H * (t1 - t0) * visible].reshape(B, H, t1 - t0, visible)
-        np.matmul(q[:, :, t0:t1], k[:, :, :visible].transpose(0, 1, 3, 2), out=scores)  # [B, H, t, s]
+        np.matmul(q[:, :, t0:t1], k[:, :, :visible].transpose(0, 1, 3, 2), out=scores)  # [B, h, t, s]
         _scale_mask_center_(scores, key_mask[:, :visible], start + t0, q.dtype.type(scale))
         np.exp(scores, out=scores)
         _normalise_rows_(scores.reshape(-1, visible))
         heads = heads_buffer[:, :, :t1 - t0]
-        np.matmul(scores, v[:, :, :visible], out=heads)                        # [B, H, t, D]
-        out[:, t0:t1] = heads.transpose(0, 2, 1, 3)
-    return out.reshape(B, T, H * D)
+        np.matmul(scores, v[:, :, :visible], out=heads)                        # [B, h, t, D]
+        out[:, t0:t1, h0:h1] = heads.transpose(0, 2, 1, 3)
 
 
 _QUERY_BLOCK = 128

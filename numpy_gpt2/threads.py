@@ -1,15 +1,25 @@
-"""How many threads the matrix products use.
+"""How many threads the work uses, and how it is shared between them.
 
-Two pools share the cores: NumPy's BLAS, for the products of many rows, and Numba's, for the
-decoding steps of a few rows (see `kernels.py`); each starts one thread per core.
-`set_threads(n)` caps both at run time: Numba's through `numba.set_num_threads`, the BLAS by
-calling the library's own setter, found among the libraries this process has loaded (OpenBLAS,
-as NumPy's wheels ship it, under any of its symbol prefixes; or MKL).
+Two kinds of parallel work, one thread per core each by default:
+- a prompt's products and attention (`run_in_parts`): the work is cut into one part per
+  thread (bands of a product's output columns, groups of heads) and the parts run at once,
+  the caller's thread taking the first and a small pool the others, while the BLAS runs one
+  thread per part. The BLAS's own workers are kept out of it on purpose: after each product
+  they spin for about 0.1 s waiting for more, and between products the Numba loops (softmax,
+  GELU) then share a core with a spinning thread; measured here, that made the same 512-token
+  prompt take 550 or 690 ms depending on where the scheduler put them.
+- a decoding step's products of a few rows and its attention run in Numba's thread pool (see
+  `kernels.py`).
+`set_threads(n)` sets the number for both, and for the BLAS outside these (it is found among
+the libraries this process has loaded and set through its own setter: OpenBLAS, as NumPy's
+wheels ship it, under any of its symbol prefixes; or MKL).
 """
 
+import concurrent.futures
 import ctypes
 import functools
 import os
+import threading
 
 import numba
 
@@ -48,6 +58,19 @@ def _blas_library():
     return None, None
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_parts = _cores()  # threads for run_in_parts
+_pool, _pool_size = None, 0  # the other parts' threads, made on first use
+_pool_lock = threading.Lock()
+_single_blas = dict(depth=0, saved=None)  # see _blas_single_threaded
+
+
 def set_threads(n: int) -> None:
     """Use `n` threads for the matrix products (BLAS and Numba) from now on in this process.
 
@@ -56,6 +79,8 @@ def set_threads(n: int) -> None:
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise GPT2Error(f"threads must be a positive integer, found {n!r}")
+    global _parts
+    _parts = n
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(n)
     # Numba's pool has one thread per core (NUMBA_NUM_THREADS) and cannot grow past it.
@@ -69,3 +94,60 @@ def get_threads() -> int | None:
     """The BLAS thread count in force, or None when the BLAS is not one we recognise."""
     _, getter = _blas_library()
     return int(getter()) if getter is not None else None
+
+
+def run_in_parts(n_items: int, work) -> None:
+    """Call work(start, stop) over consecutive parts of range(n_items), one per thread, at once.
+
+    The calling thread takes the first part and waits for the others. Meanwhile the BLAS runs
+    single-threaded (see the module's docstring). Where the BLAS cannot be set (an unknown
+    library), or with one thread, the whole range is one call on the calling thread.
+    """
+    parts = min(_parts, n_items)
+    setter, getter = _blas_library()
+    if parts <= 1 or setter is None or getter is None:
+        work(0, n_items)
+        return
+    per_part = -(-n_items // parts)
+    bounds = [(start, min(n_items, start + per_part)) for start in range(0, n_items, per_part)]
+    pool = _worker_pool(len(bounds) - 1)
+    with _blas_single_threaded(setter, getter):
+        others = [pool.submit(work, start, stop) for start, stop in bounds[1:]]
+        try:
+            work(*bounds[0])
+        finally:
+            for future in others:
+                future.result()
+
+
+def _worker_pool(size: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool of at least `size` threads, grown (replaced) when more are asked for."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool_size < size:
+            old = _pool
+            _pool, _pool_size = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="numpy-gpt2"), size
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
+
+
+class _blas_single_threaded:
+    """Within: the BLAS at one thread. Nested and concurrent uses count; the last one out
+    puts back the count found by the first one in."""
+
+    def __init__(self, setter, getter):
+        self.setter, self.getter = setter, getter
+
+    def __enter__(self):
+        with _pool_lock:
+            if _single_blas["depth"] == 0:
+                _single_blas["saved"] = int(self.getter())
+                self.setter(ctypes.c_int(1))
+            _single_blas["depth"] += 1
+
+    def __exit__(self, *exc):
+        with _pool_lock:
+            _single_blas["depth"] -= 1
+            if _single_blas["depth"] == 0:
+                self.setter(ctypes.c_int(_single_blas["saved"]))

@@ -1,4 +1,7 @@
-"""Thread control: the BLAS and Numba pools follow set_threads, and the numbers do not depend on it."""
+"""Thread control: the BLAS and Numba pools follow set_threads, a prompt's work is shared out in
+parts, and the numbers do not depend on any of it (transformers is the reference)."""
+
+import concurrent.futures
 
 import numba
 import numpy as np
@@ -52,3 +55,62 @@ def test_logits_do_not_depend_on_thread_count(tiny_ref):
 def test_bad_thread_count(bad):
     with pytest.raises(GPT2Error, match="threads must be a positive integer"):
         threads.set_threads(bad)
+
+
+def test_two_python_threads_decode_at_once(tiny_ref):
+    """Two Python threads decoding at the same time share Numba's pool; each still gets
+    transformers' logits for its own sequence at every step."""
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    sequences = np.random.default_rng(1).integers(0, 1000, (2, 1, 40))
+
+    def decode(ids):
+        cache = model.new_cache(1)
+        steps = [model(ids[:, :12], cache=cache)]  # 12 rows: the prompt path, in parts
+        steps += [model(ids[:, t:t + 1], cache=cache) for t in range(12, ids.shape[1])]
+        return np.concatenate(steps, axis=1)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(decode, sequences))
+    for ids, logits in zip(sequences, results):
+        expected = tiny_ref.logits(ids)
+        np.testing.assert_allclose(logits, expected, atol=tolerance(expected, "float32"))
+
+
+def test_run_in_parts_covers_the_range_once_with_the_blas_single_threaded():
+    if threads.get_threads() is None:
+        pytest.skip("NumPy's BLAS is not one numpy_gpt2.threads recognises (OpenBLAS or MKL)")
+    before = threads.get_threads()
+    seen = []
+
+    def work(start, stop):
+        seen.append((start, stop, threads.get_threads()))
+
+    try:
+        threads.set_threads(2)
+        threads.run_in_parts(7, work)
+        assert sorted(seen) == [(0, 4, 1), (4, 7, 1)]  # two parts, each with a one-thread BLAS
+        assert threads.get_threads() == 2  # and the count is back afterwards
+        seen.clear()
+        threads.set_threads(1)
+        threads.run_in_parts(7, work)
+        assert seen == [(0, 7, 1)]
+    finally:
+        threads.set_threads(before)
+
+
+def test_run_in_parts_passes_on_an_error_and_restores_the_blas():
+    if threads.get_threads() is None:
+        pytest.skip("NumPy's BLAS is not one numpy_gpt2.threads recognises (OpenBLAS or MKL)")
+    before = threads.get_threads()
+
+    def work(start, stop):
+        if start > 0:
+            raise RuntimeError(f"part {start}..{stop} failed")
+
+    try:
+        threads.set_threads(2)
+        with pytest.raises(RuntimeError, match="part 5..9 failed"):
+            threads.run_in_parts(9, work)
+        assert threads.get_threads() == 2
+    finally:
+        threads.set_threads(before)
