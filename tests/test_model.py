@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import VARIANTS, tolerance
-from numpy_gpt2 import GPT2, GPT2Error
+from numpy_gpt2 import GPT2, GPT2Error, kernels
 
 LAYOUTS = ["pretrained_dir", "hub_dir"]
 
@@ -53,6 +53,29 @@ def test_single_sequence_is_batch_of_one(tiny_ref):
     model = GPT2.from_pretrained(tiny_ref.hub_dir)
     ids = _ids(1000, 12)
     np.testing.assert_array_equal(model(ids), model(ids[None]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_op_stays_in_the_model_dtype(tiny_ref, dtype, monkeypatch):
+    """Under NumPy 2 one float64 scalar promotes a float32 activation, and every product after
+    it converts the weights (five times slower): every op of a prompt and of a decoding step,
+    batch 2, takes and gives floats of the model's dtype only."""
+    model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype=dtype)
+    seen = []
+    for name in ("layer_norm", "linear", "linear_gelu", "matmul_transposed", "causal_attention"):
+        def checked(*args, _original=getattr(kernels, name), _name=name):
+            out = _original(*args)
+            floats = [a.dtype for a in (*args, out) if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
+            seen.append((_name, set(floats)))
+            return out
+        monkeypatch.setattr(kernels, name, checked)
+    ids = _ids(1000, (2, 13), seed=4)
+    cache = model.new_cache(2)
+    model(ids[:, :12], cache=cache)                                  # 24 rows: the BLAS path
+    logits = model(ids[:, 12:], cache=cache)                         # 2 rows: the Numba path
+    assert logits.dtype == np.dtype(dtype) and cache.k.dtype == np.dtype(dtype)
+    assert len(seen) == 2 * (7 * tiny_ref.config["n_layer"] + 2)  # 7 ops a block, then ln_f and the head
+    assert all(dtypes == {np.dtype(dtype)} for _, dtypes in seen), [s for s in seen if s[1] != {np.dtype(dtype)}]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
