@@ -16,6 +16,7 @@ wheels ship it, under any of its symbol prefixes; or MKL).
 """
 
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import os
@@ -68,7 +69,7 @@ def _cores() -> int:
 _parts = _cores()  # threads for run_in_parts
 _pool, _pool_size = None, 0  # the other parts' threads, made on first use
 _pool_lock = threading.Lock()
-_single_blas = dict(depth=0, saved=None)  # see _blas_single_threaded
+_blas_users, _blas_saved = 0, None  # see _blas_single_threaded
 
 
 def set_threads(n: int) -> None:
@@ -132,22 +133,20 @@ def _worker_pool(size: int) -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
-class _blas_single_threaded:
-    """Within: the BLAS at one thread. Nested and concurrent uses count; the last one out
-    puts back the count found by the first one in."""
-
-    def __init__(self, setter, getter):
-        self.setter, self.getter = setter, getter
-
-    def __enter__(self):
+@contextlib.contextmanager
+def _blas_single_threaded(setter, getter):
+    """Within: the BLAS at one thread. Nested and concurrent uses count; the last one out puts
+    back the count that the first one in found."""
+    global _blas_users, _blas_saved
+    with _pool_lock:
+        if _blas_users == 0:
+            _blas_saved = int(getter())
+            setter(ctypes.c_int(1))
+        _blas_users += 1
+    try:
+        yield
+    finally:
         with _pool_lock:
-            if _single_blas["depth"] == 0:
-                _single_blas["saved"] = int(self.getter())
-                self.setter(ctypes.c_int(1))
-            _single_blas["depth"] += 1
-
-    def __exit__(self, *exc):
-        with _pool_lock:
-            _single_blas["depth"] -= 1
-            if _single_blas["depth"] == 0:
-                self.setter(ctypes.c_int(_single_blas["saved"]))
+            _blas_users -= 1
+            if _blas_users == 0:
+                setter(ctypes.c_int(_blas_saved))
