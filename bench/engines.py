@@ -33,11 +33,10 @@ class NumpyGPT2Engine:
     label = "numpy-gpt2"
 
     def __init__(self, path, threads):
-        import numba
-
         from numpy_gpt2 import GPT2
+        from numpy_gpt2.threads import set_threads
 
-        numba.set_num_threads(threads)
+        set_threads(threads)  # the BLAS, Numba's pool and numpy-gpt2's parts
         self.model = GPT2.from_pretrained(path)
 
     def prefill(self, ids, keep_last):

@@ -1,6 +1,7 @@
 """How many threads the work uses, and how it is shared between them.
 
-Two kinds of parallel work, one thread per core each by default:
+Two kinds of parallel work, each on as many threads as the BLAS has by default (one per core,
+unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS say otherwise; Numba follows NUMBA_NUM_THREADS):
 - a prompt's products and attention (`run_in_parts`): the work is cut into one part per
   thread (bands of a product's output columns, groups of heads) and the parts run at once,
   the caller's thread taking the first and a small pool the others, while the BLAS runs one
@@ -59,14 +60,7 @@ def _blas_library():
     return None, None
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-_parts = _cores()  # threads for run_in_parts
+_parts = None  # threads for run_in_parts: set_threads(n), else the BLAS's own count (see _part_count)
 _pool, _pool_size = None, 0  # the other parts' threads, made on first use
 _pool_lock = threading.Lock()
 _blas_users, _blas_saved = 0, None  # see _blas_single_threaded
@@ -104,9 +98,12 @@ def run_in_parts(n_items: int, work) -> None:
     single-threaded (see the module's docstring). Where the BLAS cannot be set (an unknown
     library), or with one thread, the whole range is one call on the calling thread.
     """
-    parts = min(_parts, n_items)
     setter, getter = _blas_library()
-    if parts <= 1 or setter is None or getter is None:
+    if setter is None or getter is None:
+        work(0, n_items)
+        return
+    parts = min(_part_count(getter), n_items)
+    if parts <= 1:
         work(0, n_items)
         return
     per_part = -(-n_items // parts)
@@ -119,6 +116,17 @@ def run_in_parts(n_items: int, work) -> None:
         finally:
             for future in others:
                 future.result()
+
+
+def _part_count(getter) -> int:
+    """The threads for run_in_parts: set_threads(n) if called, else the BLAS's own count when
+    first asked (one per core, or what OPENBLAS_NUM_THREADS / OMP_NUM_THREADS said)."""
+    global _parts
+    with _pool_lock:
+        if _parts is None:
+            # Never inside _blas_single_threaded: every caller comes here first.
+            _parts = int(getter())
+        return _parts
 
 
 def _worker_pool(size: int) -> concurrent.futures.ThreadPoolExecutor:

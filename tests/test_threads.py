@@ -2,6 +2,9 @@
 parts, and the numbers do not depend on any of it (transformers is the reference)."""
 
 import concurrent.futures
+import os
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -114,3 +117,17 @@ def test_run_in_parts_passes_on_an_error_and_restores_the_blas():
         assert threads.get_threads() == 2
     finally:
         threads.set_threads(before)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_run_in_parts_follows_openblas_num_threads(n):
+    """Without set_threads the parts follow the BLAS's own count, as the user's environment set it."""
+    if threads.get_threads() is None:
+        pytest.skip("NumPy's BLAS is not one numpy_gpt2.threads recognises (OpenBLAS or MKL)")
+    code = ("from numpy_gpt2 import threads\n"
+            "seen = []\n"
+            "threads.run_in_parts(8, lambda a, b: seen.append((a, b)))\n"
+            "print(sorted(seen))\n")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(n), "OMP_NUM_THREADS": str(n)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str([(0, 8)] if n == 1 else [(0, 4), (4, 8)])
