@@ -13,9 +13,11 @@ the rows of the weight between the threads and summing eight of them per pass.
 
 Threads: a decoding step with few rows runs entirely in Numba's thread pool, so the attention
 over the cache is parallel over heads there. Everywhere else the Numba loops run on the
-calling thread, or on the thread of their part: a Numba pool started right after a
-multi-threaded BLAS product fights the BLAS's still-spinning workers for the cores (measured
-here: decoding twenty times slower). Hence two builds of the attention loop.
+calling thread, or on the thread of their part. Two pools taking turns fight for the cores,
+because each one's idle workers spin for a while after their last task: Numba's pool right
+after a multi-threaded BLAS product made decoding twenty times slower, and the parallel
+attention between the BLAS parts of a batch-16 step made it 1.4x slower (150 against 210
+tokens/s). Hence two builds of the attention loop.
 
 Every jitted function has `cache=True`: the compile cost (a few seconds) is paid once per
 machine, not once per process.
