@@ -7,9 +7,11 @@ versions the same input and compare them with torch.
 Matrix products: for many rows (a prompt) they go to NumPy's BLAS, cut into one band of
 output columns per thread (`threads.run_in_parts`, the BLAS single-threaded in each), and the
 prompt's attention into groups of heads the same way. For a few rows (decoding: one row per
-sequence) every weight is read once per token and the product is a stream through memory;
-BLAS reaches about 28 GB/s on it here, the Numba loops below about 35-40 GB/s, by splitting
-the rows of the weight between the threads and summing eight of them per pass.
+sequence) every weight is read once per token and the product is a stream through memory.
+The model stores each weight as [out, in] rows (`model._stored_by_rows`), so a Numba loop
+gives each thread one contiguous run of rows to dot with x: 32-65 GB/s here depending on what
+else shares the memory bus, against 24-30 GB/s for BLAS and 30-40 GB/s for the same loop
+over the file's [in, out] layout.
 
 Threads: a decoding step with few rows runs entirely in Numba's thread pool, so the attention
 over the cache is parallel over heads there. Everywhere else the Numba loops run on the
@@ -97,97 +99,64 @@ def _tanh_float32(u):
 
 
 @numba.njit(**_JIT)
-def _bias_gelu_rows(x, bias, out, col):
-    """x: [N, M], out: [N, >= col + M]; out[:, col:col+M] = gelu(x + bias),
+def _bias_gelu_rows(x, bias, out, c0, c1):
+    """x, out: [N, M]; out[:, c0:c1] = gelu(x[:, c0:c1] + bias[c0:c1]),
     gelu(y) = 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))).
 
-    (`out` whole and an offset, not a slice of columns: a strided view does not vectorise.)
+    (Whole arrays and a column range, not slices of columns: a strided view does not
+    vectorise.)
     """
-    n_rows, M = x.shape
     c = math.sqrt(2.0 / math.pi)
-    for n in range(n_rows):
-        for m in range(M):
+    for n in range(x.shape[0]):
+        for m in range(c0, c1):
             y = x[n, m] + bias[m]
-            out[n, col + m] = 0.5 * y * (1.0 + math.tanh(c * (y + 0.044715 * y * y * y)))
+            out[n, m] = 0.5 * y * (1.0 + math.tanh(c * (y + 0.044715 * y * y * y)))
 
 
 @numba.njit(**_JIT)
-def _bias_gelu_rows_float32(x, bias, out, col):
+def _bias_gelu_rows_float32(x, bias, out, c0, c1):
     """`_bias_gelu_rows` for float32 with `_tanh_float32`: no call in the loop, so it vectorises."""
-    n_rows, M = x.shape
     c = np.float32(math.sqrt(2.0 / math.pi))
     a = np.float32(0.044715)
     half = np.float32(0.5)
-    for n in range(n_rows):
-        for m in range(M):
+    for n in range(x.shape[0]):
+        for m in range(c0, c1):
             y = x[n, m] + bias[m]
-            out[n, col + m] = half * y * (1 + _tanh_float32(c * (y + a * y * y * y)))
+            out[n, m] = half * y * (1 + _tanh_float32(c * (y + a * y * y * y)))
 
 
-def _bias_gelu(x, bias, out, col=0):
-    """out[:, col:col + M] = gelu(x + bias) for x: [N, M]; out C-contiguous."""
+def _bias_gelu(x, bias, out, c0, c1):
+    """out[:, c0:c1] = gelu(x[:, c0:c1] + bias[c0:c1]) for x, out: [N, M], C-contiguous.
+
+    x and out must be separate arrays: with input and output the same LLVM's overlap check
+    fails and the loop runs unvectorised, 8x slower.
+    """
     kernel = _bias_gelu_rows_float32 if x.dtype == np.float32 else _bias_gelu_rows
-    kernel(x, bias, out, col)
+    kernel(x, bias, out, c0, c1)
 
 
 def gelu_tanh(x):
     """x: any shape -> same shape; the tanh GELU (see `ops.gelu_tanh`)."""
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)
     out = np.empty_like(rows)
-    _bias_gelu(rows, np.zeros(rows.shape[1], rows.dtype), out)
+    _bias_gelu(rows, np.zeros(rows.shape[1], rows.dtype), out, 0, rows.shape[1])
     return out.reshape(x.shape)
 
 
-# ---- products of a few rows with a weight matrix --------------------------------------------
+# ---- products with a weight matrix ------------------------------------------------------------
+#
+# Every product here is x @ weight with weight [K, N] as the maths has it, but each takes the
+# matrix as stored by the model: `rows_of_out` [N, K], C-contiguous, one row per output (see
+# `GPT2.__init__`; the tied head wte is stored that way in the file). `stored_rows` gets it.
 
 @numba.njit(**_PARALLEL)
-def _few_rows_times(x, weight, threads, out):
-    """x: [M, K] @ weight: [K, N] -> out: [M, N], for a few rows M.
+def _few_rows_times(x, rows_of_out, out):
+    """x: [M, K] @ rows_of_out.T, rows_of_out: [N, K] -> out: [M, N], for a few rows M.
 
-    Each of `threads` bands of the weight's K rows is one contiguous stream through memory; a
-    thread adds eight rows per pass into the band's partial sum [M, N], and the partial sums
-    are added last. (`threads` is an argument: calling numba.get_num_threads in here would
-    keep the function out of the cache.)
+    Threads take blocks of the stored rows, so each thread reads one contiguous stream through
+    memory; each row is read once and dotted with four rows of x at a time while it sits in L1.
     """
-    M, K = x.shape
-    N = weight.shape[1]
-    band = ((K + threads - 1) // threads + 7) // 8 * 8
-    partial = np.zeros((threads, M, N), dtype=out.dtype)
-    for t in numba.prange(threads):
-        k, k_end = t * band, min(K, (t + 1) * band)
-        while k + 8 <= k_end:
-            for m in range(M):
-                acc = partial[t, m]
-                x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
-                x4, x5, x6, x7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
-                for n in range(N):
-                    acc[n] += (x0 * weight[k, n] + x1 * weight[k + 1, n] + x2 * weight[k + 2, n]
-                               + x3 * weight[k + 3, n] + x4 * weight[k + 4, n] + x5 * weight[k + 5, n]
-                               + x6 * weight[k + 6, n] + x7 * weight[k + 7, n])
-            k += 8
-        while k < k_end:
-            for m in range(M):
-                acc = partial[t, m]
-                xk = x[m, k]
-                for n in range(N):
-                    acc[n] += xk * weight[k, n]
-            k += 1
-    for m in range(M):
-        for n in range(N):
-            total = partial[0, m, n]
-            for t in range(1, threads):
-                total += partial[t, m, n]
-            out[m, n] = total
-
-
-@numba.njit(**_PARALLEL)
-def _few_rows_times_transposed(x, weight, out):
-    """x: [M, K] @ weight.T, weight: [N, K] -> out: [M, N], for a few rows M (the tied head).
-
-    Threads take blocks of the weight's rows; each row is read from memory once and dotted with
-    four rows of x at a time while it sits in L1.
-    """
-    N, K = weight.shape
+    N, K = rows_of_out.shape
     M = x.shape[0]
     n_blocks = min(N, 256)
     per_block = (N + n_blocks - 1) // n_blocks
@@ -198,7 +167,7 @@ def _few_rows_times_transposed(x, weight, out):
             while m + 4 <= M:
                 s0 = s1 = s2 = s3 = zero
                 for k in range(K):
-                    w = weight[n, k]
+                    w = rows_of_out[n, k]
                     s0 += w * x[m, k]
                     s1 += w * x[m + 1, k]
                     s2 += w * x[m + 2, k]
@@ -208,9 +177,15 @@ def _few_rows_times_transposed(x, weight, out):
             while m < M:
                 s0 = zero
                 for k in range(K):
-                    s0 += weight[n, k] * x[m, k]
+                    s0 += rows_of_out[n, k] * x[m, k]
                 out[m, n] = s0
                 m += 1
+
+
+def stored_rows(weight):
+    """weight: [K, N] -> the same matrix as [N, K] rows, C-contiguous: a view when the model
+    stores it so (weight.T contiguous), else a copy."""
+    return weight.T if weight.T.flags.c_contiguous else np.ascontiguousarray(weight.T)
 
 
 def _rows(x):
@@ -218,71 +193,66 @@ def _rows(x):
     return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
 
 
-def _times(rows, weight):
-    """rows: [M <= FEW_ROWS, K] @ weight: [K, N] -> [M, N] through `_few_rows_times`."""
-    out = np.empty((rows.shape[0], weight.shape[1]), dtype=weight.dtype)
-    _few_rows_times(rows, weight, numba.get_num_threads(), out)
-    return out
+def _product(rows, rows_of_out, out, finish=None):
+    """out: [M, N] = rows: [M, K] @ rows_of_out.T, rows_of_out: [N, K].
+
+    finish(n0, n1), when given, is called once each band n0:n1 of output columns of `out` is
+    done (to add a bias, say), in the thread that made the band. The path depends on M:
+    - up to FEW_ROWS rows (decoding) `_few_rows_times`: every weight is read once per token,
+      and this is a stream through memory;
+    - up to _THIN_ROWS rows, BLAS with the weight on the left, a band of its rows per thread:
+      with it on the right BLAS repacks the whole transposed operand on every call, and
+      streaming it once is 1.3-1.5x faster at 8-64 rows;
+    - beyond, BLAS with a band of output columns per thread (`run_in_parts`).
+    """
+    M, N = len(rows), rows_of_out.shape[0]
+    finish = finish or (lambda n0, n1: None)
+    if M <= FEW_ROWS:
+        _few_rows_times(rows, rows_of_out, out)
+        finish(0, N)
+    elif M <= _THIN_ROWS:
+        out_t = np.empty((N, M), dtype=out.dtype)
+        run_in_parts(N, lambda n0, n1: np.matmul(rows_of_out[n0:n1], rows.T, out=out_t[n0:n1]))
+        out[...] = out_t.T
+        finish(0, N)
+    else:
+        def band(n0, n1):
+            np.matmul(rows, rows_of_out[n0:n1].T, out=out[:, n0:n1])
+            finish(n0, n1)
+
+        run_in_parts(N, band)
 
 
 def linear(x, weight, bias):
-    """x: [..., in] -> [..., out] = x @ weight + bias (see `ops.linear`).
-
-    A few rows through `_few_rows_times`; more through BLAS, a band of output columns per
-    thread, so each part reads its own share of the weight.
-    """
+    """x: [..., in] -> [..., out] = x @ weight + bias (see `ops.linear`)."""
     rows = _rows(x)
-    if len(rows) <= FEW_ROWS:
-        out = _times(rows, weight)
-        out += bias
-    else:
-        out = np.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
+    out = np.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
 
-        def band(n0, n1):
-            np.matmul(rows, weight[:, n0:n1], out=out[:, n0:n1])
-            out[:, n0:n1] += bias[n0:n1]
+    def add_bias(n0, n1):
+        out[:, n0:n1] += bias[n0:n1]
 
-        run_in_parts(weight.shape[1], band)
+    _product(rows, stored_rows(weight), out, add_bias)
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
 
 
 def linear_gelu(x, weight, bias):
     """x: [..., in] -> [..., out]: gelu_tanh(x @ weight + bias), the bias added in the GELU pass.
 
-    The twin of `ops.gelu_tanh(ops.linear(x, weight, bias))`; shared out as `linear` is.
+    The twin of `ops.gelu_tanh(ops.linear(x, weight, bias))`, the GELU done band by band.
     """
     rows = _rows(x)
-    out = np.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
-    # The GELU reads the product and writes `out`, a separate array: with input and output the
-    # same LLVM's overlap check fails and the loop runs unvectorised, 8x slower.
-    if len(rows) <= FEW_ROWS:
-        _bias_gelu(_times(rows, weight), bias, out)
-    else:
-        run_in_parts(weight.shape[1], lambda n0, n1: _bias_gelu(rows @ weight[:, n0:n1], bias[n0:n1], out, n0))
+    product = np.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
+    out = np.empty_like(product)
+    _product(rows, stored_rows(weight), product, lambda n0, n1: _bias_gelu(product, bias, out, n0, n1))
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
 
 
 def matmul_transposed(x, weight):
-    """x: [..., K] @ weight.T, weight: [N, K] -> [..., N]; the tied head, x @ wte.T.
-
-    Up to FEW_ROWS rows through `_few_rows_times_transposed`. Beyond, BLAS with a band of the
-    weight's rows (of the output's columns) per thread. Up to _THIN_ROWS rows the weight goes
-    on the left: with it on the right BLAS repacks the whole transposed operand on every call,
-    and streaming it once is 1.3-1.5x faster at 8-64 rows.
-    """
+    """x: [..., K] @ weight.T, weight: [N, K] -> [..., N]; the tied head, x @ wte.T."""
     rows = _rows(x)
-    M, N = len(rows), weight.shape[0]
-    if M <= FEW_ROWS:
-        out = np.empty((M, N), dtype=weight.dtype)
-        _few_rows_times_transposed(rows, weight, out)
-    elif M <= _THIN_ROWS:
-        out_t = np.empty((N, M), dtype=weight.dtype)
-        run_in_parts(N, lambda n0, n1: np.matmul(weight[n0:n1], rows.T, out=out_t[n0:n1]))
-        out = np.ascontiguousarray(out_t.T)
-    else:
-        out = np.empty((M, N), dtype=weight.dtype)
-        run_in_parts(N, lambda n0, n1: np.matmul(rows, weight[n0:n1].T, out=out[:, n0:n1]))
-    return out.reshape(x.shape[:-1] + (N,))
+    out = np.empty((len(rows), weight.shape[0]), dtype=weight.dtype)
+    _product(rows, np.ascontiguousarray(weight), out)
+    return out.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
 @numba.njit(**_JIT)

@@ -96,24 +96,31 @@ def test_causal_attention_key_mask_matches_sdpa(impl, dtype):
 
 
 # Row counts on both sides of kernels.FEW_ROWS (Numba loops up to it, BLAS beyond) and of the
-# head's thin-row path; K = 61 is not a multiple of the eight rows the Numba loop takes per pass.
+# thin-row path (_THIN_ROWS); 1-8 rows cover the Numba loop's groups of four rows and the rest.
 ROWS = [1, 3, 4, 5, 8, 9, 64, 65]
 
 
+# A weight [in, out] as a file holds it, and as the model holds it: the view through .T of an
+# [out, in] array (see model._stored_by_rows).
+LAYOUTS = {"in-out": lambda w: w, "out-in": lambda w: np.ascontiguousarray(w.T).T}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rows", ROWS)
-def test_linear_matches_torch(impl, dtype, rows):
-    x, weight, bias = _random((rows, 61), dtype), _random((61, 45), dtype, 1), _random(45, dtype, 2)
+def test_linear_matches_torch(impl, dtype, rows, layout):
+    x, weight, bias = _random((rows, 61), dtype), LAYOUTS[layout](_random((61, 45), dtype, 1)), _random(45, dtype, 2)
     out = impl.linear(x, weight, bias)
     ref = F.linear(torch.from_numpy(x), torch.from_numpy(weight.T.copy()), torch.from_numpy(bias))
     assert out.dtype == dtype and out.shape == (rows, 45)
     np.testing.assert_allclose(out, ref.numpy(), **PRODUCT_TOL[dtype])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rows", ROWS)
-def test_linear_gelu_matches_torch(dtype, rows):
+def test_linear_gelu_matches_torch(dtype, rows, layout):
     """The fused kernel against torch's linear followed by its tanh GELU, on a [2, T, K] input."""
     x = _random((2, (rows + 1) // 2, 61), dtype)
-    weight, bias = _random((61, 70), dtype, 1), _random(70, dtype, 2)
+    weight, bias = LAYOUTS[layout](_random((61, 70), dtype, 1)), _random(70, dtype, 2)
     out = kernels.linear_gelu(x, weight, bias)
     ref = F.gelu(F.linear(torch.from_numpy(x), torch.from_numpy(weight.T.copy()), torch.from_numpy(bias)),
                  approximate="tanh")

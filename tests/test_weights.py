@@ -24,7 +24,7 @@ from conftest import PUBLISHED, TINY, build_reference, tolerance
 from numpy_gpt2 import GPT2, GPT2Config
 from numpy_gpt2.config import PRESETS
 from numpy_gpt2.errors import CheckpointError, ConfigError, ModelNotFoundError
-from numpy_gpt2.weights import infer_config, load_checkpoint, resolve
+from numpy_gpt2.weights import infer_config, load_checkpoint, release_pages, resolve
 from numpy_gpt2.weights.resolve import resolve_model
 
 
@@ -33,10 +33,10 @@ def _ids(vocab, shape, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, shape)
 
 
-def _assert_logits_match(model, ref, seed=0):
+def _assert_logits_match(model, ref, seed=0, dtype="float32"):
     ids = _ids(ref.config["vocab_size"], (2, 17), seed)
-    expected = ref.logits(ids)
-    np.testing.assert_allclose(model(ids), expected, rtol=0, atol=tolerance(expected, "float32"))
+    expected = ref.logits(ids, dtype)
+    np.testing.assert_allclose(model(ids), expected, rtol=0, atol=tolerance(expected, dtype))
 
 
 def _hub_tensors(ref) -> dict:
@@ -93,15 +93,59 @@ def test_layouts_match_transformers(tiny_ref, where):
 
 
 def test_float32_weights_are_memory_mapped(tiny_ref):
-    """The float32 arrays are read-only views whose base chain ends in the file's mmap."""
+    """The float32 arrays are read-only views whose base chain ends in the file's mmap (all but
+    the blocks' matrices, which the model copies into its own layout)."""
     model = GPT2.from_pretrained(tiny_ref.hub_dir)
-    for array in (model.wte, model.h[0].attn.c_attn.weight, model.h[2].mlp.c_proj.bias, model.ln_f.weight):
+    for array in (model.wte, model.wpe, model.h[0].attn.c_attn.bias, model.h[2].mlp.c_proj.bias, model.ln_f.weight):
         assert not array.flags.owndata and not array.flags.writeable
         chain = [array]
         while getattr(chain[-1], "base", None) is not None:
             chain.append(chain[-1].base)
         assert any(isinstance(a, np.memmap) for a in chain)
         assert isinstance(chain[-1], mmap.mmap)
+
+
+def _resident_file_kib() -> int:
+    """This process's resident pages that are mapped files, as Linux counts them."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or not hasattr(mmap, "MADV_DONTNEED"),
+                    reason="needs Linux's /proc/self/status and madvise")
+def test_release_pages_hands_file_pages_back_and_keeps_the_data(tmp_path):
+    data = np.random.default_rng(0).random(8 * 2**20)                    # 64 MiB of float64
+    path = tmp_path / "big.bin"
+    data.tofile(path)
+    view = np.memmap(path, dtype=np.float64, mode="r")[1001:]             # starts inside a page
+    before = _resident_file_kib()
+    assert view.sum() == data[1001:].sum()
+    touched = _resident_file_kib()
+    assert touched - before > 60 * 1024
+    release_pages(view)
+    assert touched - _resident_file_kib() > 60 * 1024
+    np.testing.assert_array_equal(view, data[1001:])                     # read back from the page cache
+
+    # Left alone: ordinary memory, and a copy-on-write map whose changes madvise would drop.
+    copy_ = data[:1024].copy()
+    release_pages(copy_)
+    np.testing.assert_array_equal(copy_, data[:1024])
+    changed = np.memmap(path, dtype=np.float64, mode="c")
+    changed[:] = 1.0
+    release_pages(changed)
+    assert np.all(changed == 1.0)
+
+
+def test_converted_files_keep_no_file_pages(tiny_ref, tmp_path):
+    """float64 compute converts every tensor: the model then holds none of the file's pages,
+    and its logits still match (the pages were read before they were handed back)."""
+    model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype="float64")
+    for array in (model.wte, model.h[0].attn.c_attn.weight, model.ln_f.bias):
+        chain = [array]
+        while getattr(chain[-1], "base", None) is not None:
+            chain.append(chain[-1].base)
+        assert chain[-1].flags.owndata                                    # not a view of the map
+    _assert_logits_match(model, tiny_ref, dtype="float64")
 
 
 @pytest.mark.parametrize("compute", ["float32", "float64"])

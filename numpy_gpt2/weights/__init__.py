@@ -8,6 +8,7 @@ config; `load_checkpoint` is the one entry point the model uses.
 """
 
 import dataclasses
+import mmap
 import os
 import re
 
@@ -37,6 +38,30 @@ class Checkpoint:
     def array(self, name: str, dtype) -> np.ndarray:
         """Tensor `name` as float `dtype`: a view of the file when it already has that dtype."""
         return safetensors_file.to_float(self.tensors[name], self.file_dtypes[name], np.dtype(dtype))
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Hand the pages of `array` back to the OS when it is a view of a read-only mapped file.
+
+    For a model that copies a tensor out of the file (into another layout or dtype), the pages
+    it read would otherwise stay in the process's resident set beside the copy until the file
+    is unmapped. They stay in the OS's page cache, and reading the view again brings them back.
+    Anything else (an array in ordinary memory, a writable map, a system without madvise) is
+    left alone.
+    """
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
+        return
+    whole = np.frombuffer(base, dtype=np.uint8)
+    if whole.flags.writeable:
+        return  # a writable map may hold changes that MADV_DONTNEED would drop
+    begin = array.ctypes.data - whole.ctypes.data
+    page = mmap.PAGESIZE
+    first, last = -(-begin // page) * page, (begin + array.nbytes) // page * page  # whole pages inside
+    if last > first:
+        base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def expected_shapes(config: GPT2Config) -> dict:
