@@ -253,9 +253,15 @@ class GPT2:
                      else self._check_positions(position_ids, B, T))
 
         x = self.wte[ids] + self.wpe[positions]                                    # [B, T, C]
-        for layer, block in enumerate(self.h):
-            x += self._attention(layer, block.attn, self._norm(x, block.ln_1), cache)
-            x += self._mlp(block.mlp, self._norm(x, block.ln_2))
+        if T == 1 and B <= kernels.FEW_ROWS:
+            # A decoding step: each block below in one Numba call, the same maths.
+            for layer, block in enumerate(self.h):
+                kernels.decode_block(x.reshape(B, -1), block, cache.k[layer], cache.v[layer], cache.key_mask,
+                                     start, self.attn_scales[layer], self.config.layer_norm_epsilon)
+        else:
+            for layer, block in enumerate(self.h):
+                x += self._attention(layer, block.attn, self._norm(x, block.ln_1), cache)
+                x += self._mlp(block.mlp, self._norm(x, block.ln_2))
         cache.length = start + T
         x = self._norm(x, self.ln_f)
         if logits_to_keep:

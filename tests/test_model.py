@@ -34,6 +34,22 @@ def test_logits_match_transformers(tiny_refs, variant, layout, dtype):
     np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, dtype))
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("batch", [1, 8, 9])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_decoding_steps_match_transformers(tiny_refs, variant, batch, dtype):
+    """A prompt, then one position at a time: up to kernels.FEW_ROWS (8) rows a step goes
+    through kernels.decode_block, beyond it through the ops one by one; both against
+    transformers' logits for the whole sequence."""
+    ref = tiny_refs[variant]
+    model = GPT2.from_pretrained(ref.hub_dir, dtype=dtype)
+    ids = _ids(ref.config["vocab_size"], (batch, 11), seed=batch)
+    expected = ref.logits(ids, dtype=dtype)
+    cache = model.new_cache(batch)
+    steps = [model(ids[:, :7], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(7, 11)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, rtol=0, atol=tolerance(expected, dtype))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_logits_match_transformers_124m_shape(gpt2_ref, dtype):
@@ -90,7 +106,7 @@ def test_every_op_stays_in_the_model_dtype(tiny_ref, dtype, monkeypatch):
     batch 2, takes and gives floats of the model's dtype only."""
     model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype=dtype)
     seen = []
-    for name in ("layer_norm", "linear", "linear_gelu", "matmul_transposed", "causal_attention"):
+    for name in ("layer_norm", "linear", "linear_gelu", "matmul_transposed", "causal_attention", "decode_block"):
         def checked(*args, _original=getattr(kernels, name), _name=name):
             out = _original(*args)
             floats = [a.dtype for a in (*args, out) if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
@@ -100,9 +116,10 @@ def test_every_op_stays_in_the_model_dtype(tiny_ref, dtype, monkeypatch):
     ids = _ids(1000, (2, 13), seed=4)
     cache = model.new_cache(2)
     model(ids[:, :12], cache=cache)                                  # 24 rows: the BLAS path
-    logits = model(ids[:, 12:], cache=cache)                         # 2 rows: the Numba path
+    logits = model(ids[:, 12:], cache=cache)                         # 2 rows: kernels.decode_block
     assert logits.dtype == np.dtype(dtype) and cache.k.dtype == np.dtype(dtype)
-    assert len(seen) == 2 * (7 * tiny_ref.config["n_layer"] + 2)  # 7 ops a block, then ln_f and the head
+    # The prompt: 7 ops a block, then ln_f and the head; the step: one decode_block a block.
+    assert len(seen) == (7 * tiny_ref.config["n_layer"] + 2) + (tiny_ref.config["n_layer"] + 2)
     assert all(dtypes == {np.dtype(dtype)} for _, dtypes in seen), [s for s in seen if s[1] != {np.dtype(dtype)}]
 
 
