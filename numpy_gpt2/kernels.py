@@ -13,6 +13,9 @@ gives each thread one contiguous run of rows to dot with x: 32-65 GB/s here depe
 else shares the memory bus, against 24-30 GB/s for BLAS and 30-40 GB/s for the same loop
 over the file's [in, out] layout.
 
+A decoding step of up to FEW_ROWS rows runs each block as one call (`decode_block`), the same
+loops with no Python between them.
+
 Threads: a decoding step with few rows runs entirely in Numba's thread pool, so the attention
 over the cache is parallel over heads there. Everywhere else the Numba loops run on the
 calling thread, or on the thread of their part. Two pools taking turns fight for the cores,
