@@ -27,7 +27,7 @@ from measure import quiet_gc
 
 
 class NumpyGPT2Engine:
-    """numpy-gpt2 itself, float32, weights memory-mapped as `from_pretrained` does."""
+    """numpy-gpt2 itself, float32, its weights loaded as `from_pretrained` loads them."""
 
     name = "numpy"
     label = "numpy-gpt2"
