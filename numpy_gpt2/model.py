@@ -233,6 +233,8 @@ class GPT2:
         """
         ids = self._check_ids(input_ids)
         B, T = ids.shape
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+            raise GPT2Error(f"logits_to_keep must be an integer >= 0 (0 keeps all), found {logits_to_keep!r}")
         if cache is None:
             if T > self.config.n_positions:
                 raise GPT2Error(f"input_ids has {T} positions, more than n_positions={self.config.n_positions}")
@@ -260,7 +262,12 @@ class GPT2:
                                      start, self.attn_scales[layer], self.config.layer_norm_epsilon)
         else:
             for layer, block in enumerate(self.h):
-                x += self._attention(layer, block.attn, self._norm(x, block.ln_1), cache)
+                # The last block is needed only at the positions whose logits are kept (its keys
+                # and values still go into the cache for all T).
+                keep = min(logits_to_keep or T, T) if layer == len(self.h) - 1 else T
+                heads = self._attention(layer, block.attn, self._norm(x, block.ln_1), cache, keep)
+                x = x[:, T - keep:]                                                 # [B, keep, C]
+                x += heads
                 x += self._mlp(block.mlp, self._norm(x, block.ln_2))
         cache.length = start + T
         x = self._norm(x, self.ln_f)
@@ -275,16 +282,17 @@ class GPT2:
     def _norm(self, x, ln: LayerNorm):
         return kernels.layer_norm(x, ln.weight, ln.bias, self.config.layer_norm_epsilon)
 
-    def _attention(self, layer: int, attn: Attention, x, cache: KVCache):
-        """x: [B, T, C] -> [B, T, C]: causal self-attention, new keys/values appended to cache."""
+    def _attention(self, layer: int, attn: Attention, x, cache: KVCache, keep: int):
+        """x: [B, T, C] -> [B, keep, C]: causal self-attention of the last `keep` positions, the
+        keys/values of all T appended to cache."""
         B, T, C = x.shape
         H, D = self.config.n_head, self.config.head_dim
         qkv = kernels.linear(x, attn.c_attn.weight, attn.c_attn.bias).reshape(B, T, 3, H, D)
         start, end = cache.length, cache.length + T
         cache.k[layer, :, :, start:end] = qkv[:, :, 1].transpose(0, 2, 1, 3)      # [B, H, T, D]
         cache.v[layer, :, :, start:end] = qkv[:, :, 2].transpose(0, 2, 1, 3)
-        heads = kernels.causal_attention(qkv[:, :, 0], cache.k[layer], cache.v[layer], cache.key_mask,
-                                         start, self.attn_scales[layer])          # [B, T, C]
+        heads = kernels.causal_attention(qkv[:, T - keep:, 0], cache.k[layer], cache.v[layer], cache.key_mask,
+                                         end - keep, self.attn_scales[layer])     # [B, keep, C]
         return kernels.linear(heads, attn.c_proj.weight, attn.c_proj.bias)
 
     def _mlp(self, mlp: MLP, x):

@@ -136,11 +136,27 @@ def test_cached_equals_uncached(tiny_ref, dtype, chunks):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=0, atol=tolerance(full, dtype))
 
 
-def test_logits_to_keep(tiny_ref):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("keep", [1, 3, 10, 25])
+def test_logits_to_keep(tiny_ref, dtype, keep):
+    """The last block runs only at the kept positions; the cache still gets all of them, so
+    the steps after such a prompt match too."""
+    model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype=dtype)
+    ids = _ids(1000, (2, 13))
+    expected = tiny_ref.logits(ids, dtype=dtype)
+    cache = model.new_cache(2)
+    logits = model(ids[:, :10], cache=cache, logits_to_keep=keep)
+    assert logits.shape == (2, min(keep, 10), 1000)
+    np.testing.assert_allclose(logits, expected[:, 10 - min(keep, 10):10], rtol=0, atol=tolerance(expected, dtype))
+    rest = model(ids[:, 10:], cache=cache)                           # 3 positions: op by op
+    np.testing.assert_allclose(rest, expected[:, 10:], rtol=0, atol=tolerance(expected, dtype))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True, None])
+def test_bad_logits_to_keep_is_a_clear_error(tiny_ref, bad):
     model = GPT2.from_pretrained(tiny_ref.hub_dir)
-    ids = _ids(1000, (2, 10))
-    expected = tiny_ref.logits(ids)[:, -3:]
-    np.testing.assert_allclose(model(ids, logits_to_keep=3), expected, atol=tolerance(expected, "float32"))
+    with pytest.raises(GPT2Error, match="logits_to_keep must be an integer >= 0"):
+        model(_ids(1000, (1, 4)), logits_to_keep=bad)
 
 
 def test_left_padding_with_mask_matches_transformers(tiny_ref):
