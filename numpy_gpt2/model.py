@@ -62,6 +62,22 @@ class Block:
     mlp: MLP
 
 
+def _in_own_memory(array: np.ndarray) -> np.ndarray:
+    """A view of a mapped file -> a copy in the process's own memory, the file pages handed
+    back (`weights.release_pages`); an array that owns its memory (say, converted on load) as
+    it is.
+
+    For the tied head: decoding streams wte every token (a third of the bytes read), and from
+    fresh memory, for which NumPy asks the OS for huge pages, it measured 5% faster end to end
+    than from the file's pages.
+    """
+    if array.flags.owndata:
+        return array
+    copy = np.array(array, order="C")
+    release_pages(array)
+    return copy
+
+
 def _stored_by_rows(weight: np.ndarray) -> np.ndarray:
     """weight [in, out] -> the same matrix, viewed through `.T` of a C-contiguous [out, in] copy.
 
@@ -145,8 +161,9 @@ class GPT2:
     def __init__(self, config: GPT2Config, tensors, dtype="float32", path: str | None = None):
         """`tensors` maps official names (see `weights`) to arrays already in `dtype`.
 
-        wte, wpe and the small tensors are used as given (memory-mapped when loaded from a
-        float32 file); the blocks' four weight matrices are copied by `_stored_by_rows`.
+        wpe and the small tensors are used as given (memory-mapped when loaded from a float32
+        file); wte is copied into the process's own memory (`_in_own_memory`) and the blocks'
+        four weight matrices into their own layout (`_stored_by_rows`).
         """
         self.config = config
         self.dtype = np.dtype(dtype)
@@ -156,7 +173,7 @@ class GPT2:
         def linear(name: str) -> Linear:
             return Linear(_stored_by_rows(t[name + ".weight"]), t[name + ".bias"])
 
-        self.wte = t["wte.weight"]  # [V, C], also the output head (tied)
+        self.wte = _in_own_memory(t["wte.weight"])  # [V, C], also the output head (tied)
         self.wpe = t["wpe.weight"]  # [P, C]
         self.h = [
             Block(
@@ -182,10 +199,11 @@ class GPT2:
         """Load a checkpoint: a directory, a .safetensors file, or a name such as "gpt2".
 
         Names are looked up in ./weights/NAME/ and the Hugging Face cache (see
-        `weights.resolve`). From a float32 file wte, wpe and the small tensors are
-        memory-mapped, not copied, and the blocks' matrices are copied once into their own
-        layout (see `_stored_by_rows`); `n_head` is needed only for a bare .safetensors file of
-        a size that matches no preset.
+        `weights.resolve`). From a float32 file wpe and the small tensors are memory-mapped,
+        not copied; wte and the blocks' matrices are copied once, the latter into their own
+        layout (see `_in_own_memory`, `_stored_by_rows`), and the file pages they came from
+        handed back. `n_head` is needed only for a bare .safetensors file of a size that
+        matches no preset.
         """
         return cls.from_checkpoint(load_checkpoint(resolve_model(name_or_path), n_head=n_head), dtype)
 

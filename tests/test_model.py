@@ -63,12 +63,15 @@ def test_logits_match_transformers_124m_shape(gpt2_ref, dtype):
 
 @pytest.mark.slow
 def test_124m_float32_layout_and_resident_size(gpt2_ref):
-    """wte stays memory-mapped; the blocks' matrices are [out, in] copies seen as [in, out]; and
+    """wpe stays memory-mapped; wte is a copy; the blocks' matrices are [out, in] copies seen as
+    [in, out]; and
     loading plus a prompt and decoding steps adds at most 1.25x the file to the peak resident
     size of a fresh process (the OS's count), so the file pages the copies came from were
     handed back."""
     model = GPT2.from_pretrained(gpt2_ref.pretrained_dir)
-    assert any(isinstance(a, np.memmap) for a in (model.wte, model.wte.base, getattr(model.wte.base, "base", None)))
+    assert any(isinstance(a, np.memmap) for a in (model.wpe, model.wpe.base, getattr(model.wpe.base, "base", None)))
+    assert model.wte.flags.owndata
+    np.testing.assert_array_equal(model.wte, gpt2_ref.torch_model.transformer.wte.weight.detach().numpy())
     weight = model.h[11].mlp.c_proj.weight
     assert weight.shape == (3072, 768) and weight.T.flags.c_contiguous and weight.base.flags.owndata
     np.testing.assert_array_equal(weight, gpt2_ref.torch_model.transformer.h[11].mlp.c_proj.weight.detach().numpy())
