@@ -203,8 +203,8 @@ def generate(model, input_ids, max_new_tokens: int = 50, **kwargs) -> np.ndarray
     stops early once every row has finished.
     """
     ids, steps = _start(model, input_ids, max_new_tokens, **kwargs)
-    new = list(steps)
-    new = np.stack(new, axis=1) if new else np.zeros((ids.shape[0], 0), dtype=np.int64)
+    steps = list(steps)
+    new = np.stack(steps, axis=1) if steps else np.zeros((ids.shape[0], 0), dtype=np.int64)
     return np.concatenate([ids.astype(np.int64), new], axis=1)
 
 

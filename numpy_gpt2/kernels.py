@@ -43,8 +43,8 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy")
 _FAST = dict(_JIT, fastmath={"reassoc", "contract"})
 _PARALLEL = dict(_FAST, parallel=True)
 
-# Up to FEW_ROWS rows the products go through the Numba loops below, beyond it through BLAS;
-# up to _THIN_ROWS the head is computed as (wte @ x.T).T (see `matmul_transposed`).
+# Up to FEW_ROWS rows the products go through the Numba loops below, beyond it through BLAS,
+# up to _THIN_ROWS with the weight on the left (see `_product`).
 FEW_ROWS = 8
 _THIN_ROWS = 64
 

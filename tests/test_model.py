@@ -64,10 +64,9 @@ def test_logits_match_transformers_124m_shape(gpt2_ref, dtype):
 @pytest.mark.slow
 def test_124m_float32_layout_and_resident_size(gpt2_ref):
     """wpe stays memory-mapped; wte is a copy; the blocks' matrices are [out, in] copies seen as
-    [in, out]; and
-    loading plus a prompt and decoding steps adds at most 1.25x the file to the peak resident
-    size of a fresh process (the OS's count), so the file pages the copies came from were
-    handed back."""
+    [in, out]; and loading plus a prompt and decoding steps adds at most 1.25x the file to the
+    peak resident size of a fresh process (the OS's count), so the file pages the copies came
+    from were handed back."""
     model = GPT2.from_pretrained(gpt2_ref.pretrained_dir)
     assert any(isinstance(a, np.memmap) for a in (model.wpe, model.wpe.base, getattr(model.wpe.base, "base", None)))
     assert model.wte.flags.owndata

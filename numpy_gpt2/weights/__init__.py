@@ -40,6 +40,17 @@ class Checkpoint:
         return safetensors_file.to_float(self.tensors[name], self.file_dtypes[name], np.dtype(dtype))
 
 
+def mapped_file(array: np.ndarray) -> mmap.mmap | None:
+    """The read-only map of a file that `array` is a view of, else None (ordinary memory, or a
+    writable map, which may hold changes of its own)."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or np.frombuffer(base, dtype=np.uint8).flags.writeable:
+        return None
+    return base
+
+
 def release_pages(array: np.ndarray) -> None:
     """Hand the pages of `array` back to the OS when it is a view of a read-only mapped file.
 
@@ -49,19 +60,14 @@ def release_pages(array: np.ndarray) -> None:
     Anything else (an array in ordinary memory, a writable map, a system without madvise) is
     left alone.
     """
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    if base is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
+    mapped = mapped_file(array)
+    if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
         return
-    whole = np.frombuffer(base, dtype=np.uint8)
-    if whole.flags.writeable:
-        return  # a writable map may hold changes that MADV_DONTNEED would drop
-    begin = array.ctypes.data - whole.ctypes.data
+    begin = array.ctypes.data - np.frombuffer(mapped, dtype=np.uint8).ctypes.data
     page = mmap.PAGESIZE
     first, last = -(-begin // page) * page, (begin + array.nbytes) // page * page  # whole pages inside
     if last > first:
-        base.madvise(mmap.MADV_DONTNEED, first, last - first)
+        mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def expected_shapes(config: GPT2Config) -> dict:
