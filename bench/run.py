@@ -383,6 +383,10 @@ def markdown_table(results: dict) -> str:
     notes = footnotes + results["notes"]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
+    bounds = results.get("bounds", {})
+    if bounds:
+        lines += ["", "What bounds these rows, measured in this run (bench/bound.py):"]
+        lines += [f"- {bound_note(case, bounds[case['key']])}" for case in results["cases"] if case["key"] in bounds]
     m = results["machine"]
     lines += ["", f"{m['cpu']}, {m['cores_available']} cores, {m['blas']['name']} {m['blas']['version']}, "
               f"numba threading layer {m['numba_threading_layer']}, {results['date']}; "
@@ -422,6 +426,63 @@ def judge(results: dict) -> None:
             rss["status"] = _status(rss["numpy"]["ratio_to_weight_file"] <= RSS_TARGET_RATIO)
 
 
+def measure_bounds(results: dict, engines: dict, vocab_size: int, every: bool) -> dict:
+    """What bounds each case that missed its target (every case with `every`), by case key.
+
+    Measured now, on numpy-gpt2's loaded model: see bench/bound.py.
+    """
+    import numpy as np
+
+    import bound
+
+    model = engines["numpy"].model
+    rng = np.random.default_rng(1)
+    out = {}
+    for case in results["cases"]:
+        if not (every or case.get("status") == "MISS"):
+            continue
+        torch_rate = case["engines"].get("torch", {}).get("median")
+        if case["kind"] == "prefill":
+            ids = rng.integers(0, vocab_size, size=(case["batch"], case["prompt"]))
+            torch_seconds = case["batch"] * case["prompt"] / torch_rate if torch_rate else None
+            out[case["key"]] = bound.prefill_bound(model, ids, case["keep_last"], torch_seconds)
+        else:
+            out[case["key"]] = bound.decode_bound(model, case["batch"], torch_rate)
+        print(f"bound of {case['label']} measured", file=sys.stderr)
+    return out
+
+
+def bound_note(case: dict, bound: dict) -> str:
+    """One line: how far the row is from its target and what its measured bound allows."""
+    head = case["label"]
+    if case.get("ratio_to_torch") is not None:
+        head += f": {case['ratio_to_torch']:.2f}x torch"
+        if case.get("target") is not None:
+            head += f" against a target of {case['target']:g}x"
+    ceiling = bound.get("ratio_ceiling")
+    if case["kind"] == "prefill":
+        p = {part: f"{seconds * 1e3:.0f}" for part, seconds in bound["profile_seconds"].items()}
+        text = (f"{head}. One forward of numpy-gpt2, profiled: {p['total']} ms = block products "
+                f"{p['block products']} (their bias and GELU included) + head {p['head']} + attention "
+                f"{p['attention']} + layernorms {p['layernorms']} + the rest {p['rest']}. Its "
+                f"{bound['dense_products']} dense products, {bound['dense_product_flops'] / 1e9:.0f} GFLOP, take "
+                f"{bound['dense_products_alone_seconds'] * 1e3:.0f} ms on their own "
+                f"({bound['dense_products_alone_flops_per_s'] / 1e9:.0f} GFLOP/s, each the faster of numpy-gpt2's "
+                "path and one BLAS call)")
+        if ceiling is not None:
+            text += (f"; torch's {bound['torch_seconds'] * 1e3:.0f} ms over that is {ceiling:.2f}x, the most "
+                     "any engine on this BLAS could reach with nothing else to do")
+    else:
+        numpy_step = case["batch"] / case["engines"]["numpy"]["median"]
+        text = (f"{head}. A step took {numpy_step * 1e3:.1f} ms; its products alone, every weight read once "
+                f"({bound['weight_bytes_per_step'] / 1e6:.0f} MB), take "
+                f"{bound['products_alone_seconds_per_step'] * 1e3:.1f} ms "
+                f"({bound['bytes_per_s'] / 1e9:.0f} GB/s): at most {bound['tokens_per_s_ceiling']:.0f} tokens/s")
+        if ceiling is not None:
+            text += f", {ceiling:.2f}x torch's {bound['torch_tokens_per_s']:.1f}"
+    return text + "."
+
+
 def write_results(results: dict, out_dir: pathlib.Path, table: str) -> pathlib.Path:
     """`<UTC time>.json`, `latest.json` and `latest.md` in `out_dir`, each written atomically."""
     from numpy_gpt2.fileio import atomic_write_bytes
@@ -454,6 +515,8 @@ def parse_args(argv=None):
     parser.add_argument("--cases", default=None,
                         help="run only the cases whose key starts with one of these comma-separated "
                              "prefixes (prefill, prefill_512, decode_b1, ...; keys in the JSON)")
+    parser.add_argument("--bounds", action="store_true",
+                        help="measure what bounds every case, not only those that miss their target")
     parser.add_argument("--no-process", action="store_true",
                         help="leave out the subprocess measurements (cold start, compile, memory)")
     args = parser.parse_args(argv)
@@ -557,8 +620,12 @@ def _run(args) -> int:
         notes += more_notes
         results["process"] = process
 
-    results["load_average"]["end"] = os.getloadavg()
     judge(results)
+    if "numpy" in engines:
+        bounds = measure_bounds(results, engines, config.vocab_size, args.bounds)
+        if bounds:
+            results["bounds"] = bounds
+    results["load_average"]["end"] = os.getloadavg()
     # After the runs: the Numba threading layer is only known once a parallel kernel has run.
     results["machine"] = machine_info(args.threads)
     table = markdown_table(results)

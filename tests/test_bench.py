@@ -69,7 +69,7 @@ def test_quick_run_writes_results(tiny_ref, tmp_path):
     out = tmp_path / "results"
     done = subprocess.run(
         [sys.executable, str(BENCH / "run.py"), "--quick", "--engines", "numpy,naive",
-         "--model", str(tiny_ref.hub_dir), "--out", str(out), "--threads", "1"],
+         "--model", str(tiny_ref.hub_dir), "--out", str(out), "--threads", "1", "--bounds"],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
@@ -91,6 +91,72 @@ def test_quick_run_writes_results(tiny_ref, tmp_path):
     assert process["peak_rss"]["numpy"]["median"] > 0
     for key in ("cpu", "cores", "blas", "versions", "threads", "numba_threading_layer"):
         assert key in latest["machine"]
+    assert set(latest["bounds"]) == set(keys)  # --bounds: every case, not only the misses
     table = (out / "latest.md").read_text()
     assert "| measurement | numpy-gpt2 | naive NumPy |" in table
+    assert "What bounds these rows" in table
+    for case in latest["cases"]:
+        assert f"- {case['label']}." in table
     assert table.strip() in done.stdout
+
+
+@pytest.fixture(scope="module")
+def bound(tiny_ref):
+    """bench/bound.py as a module, with bench/ importable for its `measure` import."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bound
+    finally:
+        sys.path.remove(str(BENCH))
+    return bound
+
+
+def _torch_flops_by_op(torch_model, ids):
+    """{aten op name: FLOPs} of one transformers forward, counted by torch's own FlopCounterMode."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        torch_model(torch.as_tensor(ids[None]))
+    return {str(op).split(".")[1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def test_prefill_bound_times_every_dense_product(bound, tiny_ref, ids):
+    # The dense products the bound times must be exactly the forward's non-attention products:
+    # their FLOPs equal torch's count of transformers' Conv1D (addmm) and head (mm) products.
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    result = bound.prefill_bound(model, ids[None], keep_last=False, torch_seconds=1.0, repeats=2)
+
+    by_op = _torch_flops_by_op(tiny_ref.torch_model, ids)
+    assert set(by_op) >= {"addmm", "mm"}, by_op
+    assert result["dense_product_flops"] == by_op["addmm"] + by_op["mm"]
+    assert result["dense_products"] == 4 * model.config.n_layer + 1
+
+    profile = result["profile_seconds"]
+    assert set(profile) == {"block products", "head", "attention", "layernorms", "rest", "total"}
+    assert all(profile[part] > 0 for part in ("block products", "head", "attention", "layernorms"))
+    assert result["ratio_ceiling"] == pytest.approx(1.0 / result["dense_products_alone_seconds"])
+
+
+def test_prefill_bound_leaves_the_kernels_as_they_were(bound, tiny_ref, ids):
+    from numpy_gpt2 import kernels
+
+    before = {name: getattr(kernels, name) for name in (*bound._PARTS, "_product")}
+    bound.prefill_bound(GPT2.from_pretrained(tiny_ref.hub_dir), ids[None], keep_last=True,
+                        torch_seconds=None, repeats=1)
+    assert {name: getattr(kernels, name) for name in before} == before
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_bound_reads_every_weight_matrix_once(bound, tiny_ref, batch):
+    # Reference: the sizes of transformers' own c_attn, c_proj, c_fc, mlp.c_proj and wte tensors.
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    result = bound.decode_bound(model, batch, torch_tokens_per_s=10.0, repeats=2)
+
+    expected = sum(p.numel() * 4 for name, p in tiny_ref.torch_model.named_parameters()
+                   if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight", "wte.weight")))
+    assert result["weight_bytes_per_step"] == expected
+    seconds = result["products_alone_seconds_per_step"]
+    assert result["tokens_per_s_ceiling"] == pytest.approx(batch / seconds)
+    assert result["ratio_ceiling"] == pytest.approx(batch / seconds / 10.0)

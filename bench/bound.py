@@ -1,0 +1,175 @@
+"""What bounds a row, measured in the run itself rather than argued.
+
+- A prompt (prefill) is bound by arithmetic. `prefill_bound` profiles numpy-gpt2's forward
+  into its parts (the blocks' products with their bias and GELU, the head, attention,
+  layernorms, the rest) and then times the same dense products on their own: every product
+  the forward made, on the model's own weights and random rows of the same shape, each by the
+  faster of numpy-gpt2's path and one NumPy matmul on all the BLAS's threads. Those products
+  are work no engine on this BLAS can skip, so torch's time over theirs is the highest ratio
+  reachable with nothing else done at all.
+- A decoding step is bound by memory. `decode_bound` streams every weight matrix once through
+  numpy-gpt2's own few-rows loop, as a step does, and times that alone: the bytes a second
+  the machine gives, and the most tokens a second it allows.
+
+Both read numpy-gpt2's internals (`kernels._product`, the stored [out, in] matrices): this is
+a measuring tool for this repository, not an API.
+"""
+
+import collections
+import contextlib
+import time
+
+import numpy as np
+
+from measure import median, quiet_gc
+
+# The kernels a prompt's forward calls, by the part of the profile they count towards.
+_PARTS = {
+    "linear": "block products",
+    "linear_gelu": "block products",  # the GELU is done band by band inside it
+    "matmul_transposed": "head",
+    "causal_attention": "attention",
+    "layer_norm": "layernorms",
+}
+
+
+@contextlib.contextmanager
+def _timed(module, parts: dict, seconds: dict):
+    """Within: each function module.<name> for name in `parts` adds its wall time to
+    seconds[parts[name]]; restored on leaving."""
+    saved = {name: getattr(module, name) for name in parts}
+
+    def timed(name, function):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[parts[name]] += time.perf_counter() - start
+        return call
+
+    for name, function in saved.items():
+        setattr(module, name, timed(name, function))
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(module, name, function)
+
+
+def _recorded_products(model, ids, logits_to_keep):
+    """[(rows of x, the stored [N, K] matrix)] for every dense product one forward makes, in order."""
+    from numpy_gpt2 import kernels
+
+    calls = []
+    product = kernels._product
+
+    def record(rows, rows_of_out, out, finish=None):
+        calls.append((len(rows), rows_of_out))
+        return product(rows, rows_of_out, out, finish)
+
+    kernels._product = record
+    try:
+        model(ids, logits_to_keep=logits_to_keep)
+    finally:
+        kernels._product = product
+    return calls
+
+
+def _fastest_seconds(function, repeats):
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _products_alone(calls, dtype, repeats, rng):
+    """Seconds of each recorded product on its own, the faster of numpy-gpt2's path and a
+    plain NumPy matmul on the BLAS's own threads, each its best of `repeats`."""
+    from numpy_gpt2 import kernels
+
+    seconds = []
+    for M, rows_of_out in calls:
+        N, K = rows_of_out.shape
+        x = rng.standard_normal((M, K)).astype(dtype)
+        out = np.empty((M, N), dtype=dtype)
+        ours = _fastest_seconds(lambda: kernels._product(x, rows_of_out, out), repeats)
+        blas = _fastest_seconds(lambda: np.matmul(x, rows_of_out.T, out=out), repeats)
+        seconds.append(min(ours, blas))
+    return seconds
+
+
+def prefill_bound(model, ids, keep_last: bool, torch_seconds, repeats: int = 5) -> dict:
+    """Profile of one forward of `model` over ids [B, T] and the time of its dense products
+    alone; with torch_seconds (its median forward) the ratio they would allow."""
+    from numpy_gpt2 import kernels
+
+    keep = 1 if keep_last else 0
+    model(ids, logits_to_keep=keep)  # warm: compiled, buffers faulted in once
+    profiles = []
+    for _ in range(repeats):
+        parts = collections.defaultdict(float)
+        with _timed(kernels, _PARTS, parts), quiet_gc():
+            start = time.perf_counter()
+            model(ids, logits_to_keep=keep)
+            total = time.perf_counter() - start
+        parts["rest"] = total - sum(parts.values())
+        parts["total"] = total
+        profiles.append(parts)
+    profile = {part: median([p[part] for p in profiles]) for part in profiles[0]}
+
+    calls = _recorded_products(model, ids, keep)
+    alone = _products_alone(calls, model.dtype, repeats, np.random.default_rng(0))
+    flops = sum(2 * M * rows_of_out.size for M, rows_of_out in calls)
+    result = {
+        "profile_seconds": profile,
+        "dense_products": len(calls),
+        "dense_product_flops": flops,
+        "dense_products_alone_seconds": sum(alone),
+        "dense_products_alone_flops_per_s": flops / sum(alone),
+    }
+    if torch_seconds is not None:
+        result["torch_seconds"] = torch_seconds
+        result["ratio_ceiling"] = torch_seconds / sum(alone)
+    return result
+
+
+def decode_bound(model, batch: int, torch_tokens_per_s, repeats: int = 7) -> dict:
+    """The time of a decoding step's products alone for `batch` rows: every matrix (the
+    blocks' four and the tied head) streamed once through numpy-gpt2's few-rows loop."""
+    from numpy_gpt2 import kernels
+
+    matrices = [kernels.stored_rows(linear.weight)
+                for block in model.h
+                for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+    matrices.append(model.wte)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((batch, rows.shape[1])).astype(model.dtype) for rows in matrices]
+    outs = [np.empty((batch, rows.shape[0]), dtype=model.dtype) for rows in matrices]
+
+    def step():
+        for x, rows, out in zip(xs, matrices, outs):
+            kernels._few_rows_times(x, rows, out)
+
+    step()
+    seconds = []
+    with quiet_gc():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - start)
+    step_seconds = median(seconds)
+    weight_bytes = sum(rows.nbytes for rows in matrices)
+    result = {
+        "weight_bytes_per_step": weight_bytes,
+        "products_alone_seconds_per_step": step_seconds,
+        "bytes_per_s": weight_bytes / step_seconds,
+        "tokens_per_s_ceiling": batch / step_seconds,
+    }
+    if torch_tokens_per_s is not None:
+        result["torch_tokens_per_s"] = torch_tokens_per_s
+        result["ratio_ceiling"] = batch / step_seconds / torch_tokens_per_s
+    return result
