@@ -124,11 +124,15 @@ def prefill_bound(model, ids, keep_last: bool, torch_seconds, repeats: int = 5) 
     calls = _recorded_products(model, ids, keep)
     alone = _products_alone(calls, model.dtype, repeats, np.random.default_rng(0))
     flops = sum(2 * M * rows_of_out.size for M, rows_of_out in calls)
+    alone_by_part = collections.defaultdict(float)
+    for (_, rows_of_out), seconds in zip(calls, alone):
+        alone_by_part["head" if np.may_share_memory(rows_of_out, model.wte) else "block products"] += seconds
     result = {
         "profile_seconds": profile,
         "dense_products": len(calls),
         "dense_product_flops": flops,
         "dense_products_alone_seconds": sum(alone),
+        "dense_products_alone_seconds_by_part": dict(alone_by_part),
         "dense_products_alone_flops_per_s": flops / sum(alone),
     }
     if torch_seconds is not None:

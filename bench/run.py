@@ -462,10 +462,12 @@ def bound_note(case: dict, bound: dict) -> str:
     ceiling = bound.get("ratio_ceiling")
     if case["kind"] == "prefill":
         p = {part: f"{seconds * 1e3:.0f}" for part, seconds in bound["profile_seconds"].items()}
+        alone = {part: f"{seconds * 1e3:.0f}" for part, seconds in bound["dense_products_alone_seconds_by_part"].items()}
         text = (f"{head}. One forward of numpy-gpt2, profiled: {p['total']} ms = block products "
-                f"{p['block products']} (their bias and GELU included) + head {p['head']} + attention "
-                f"{p['attention']} + layernorms {p['layernorms']} + the rest {p['rest']}. Its "
-                f"{bound['dense_products']} dense products, {bound['dense_product_flops'] / 1e9:.0f} GFLOP, take "
+                f"{p['block products']} (their bias and GELU included; the products alone {alone['block products']}) "
+                f"+ head {p['head']} (alone {alone['head']}) + attention {p['attention']} + layernorms "
+                f"{p['layernorms']} + the rest {p['rest']}. Its {bound['dense_products']} dense products, "
+                f"{bound['dense_product_flops'] / 1e9:.0f} GFLOP, take "
                 f"{bound['dense_products_alone_seconds'] * 1e3:.0f} ms on their own "
                 f"({bound['dense_products_alone_flops_per_s'] / 1e9:.0f} GFLOP/s, each the faster of numpy-gpt2's "
                 "path and one BLAS call)")

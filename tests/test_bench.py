@@ -137,6 +137,9 @@ def test_prefill_bound_times_every_dense_product(bound, tiny_ref, ids):
     assert set(profile) == {"block products", "head", "attention", "layernorms", "rest", "total"}
     assert all(profile[part] > 0 for part in ("block products", "head", "attention", "layernorms"))
     assert result["ratio_ceiling"] == pytest.approx(1.0 / result["dense_products_alone_seconds"])
+    by_part = result["dense_products_alone_seconds_by_part"]
+    assert set(by_part) == {"block products", "head"}
+    assert sum(by_part.values()) == pytest.approx(result["dense_products_alone_seconds"])
 
 
 def test_prefill_bound_leaves_the_kernels_as_they_were(bound, tiny_ref, ids):
