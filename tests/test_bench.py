@@ -2,8 +2,9 @@
 
 References trusted here: Hugging Face transformers (logits and greedy `generate` on the tiny
 reference weights) for the naive NumPy baseline, and numpy_gpt2's forward, itself tested
-against transformers in test_model.py. Nothing here checks a timing: timings are noisy and
-belong in bench/results, not in asserts.
+against transformers in test_model.py; for the measured bounds (bench/bound.py), torch's own
+FLOP counter on transformers' forward and the sizes of transformers' weight tensors. Nothing
+here checks a timing: timings are noisy and belong in bench/results, not in asserts.
 """
 
 import importlib.util
@@ -101,7 +102,7 @@ def test_quick_run_writes_results(tiny_ref, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bound(tiny_ref):
+def bound():
     """bench/bound.py as a module, with bench/ importable for its `measure` import."""
     sys.path.insert(0, str(BENCH))
     try:
