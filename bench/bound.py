@@ -8,8 +8,9 @@
   are work no engine on this BLAS can skip, so torch's time over theirs is the highest ratio
   reachable with nothing else done at all.
 - A decoding step is bound by memory. `decode_bound` streams every weight matrix once through
-  numpy-gpt2's own few-rows loop, as a step does, and times that alone: the bytes a second
-  the machine gives, and the most tokens a second it allows.
+  numpy-gpt2's own few-rows loop, as a step does, and times that alone, in turn with
+  numpy-gpt2's own steps: the bytes a second the machine gives, the most tokens a second it
+  allows, and what the step spends beside them.
 
 Both read numpy-gpt2's internals (`kernels._product`, the stored [out, in] matrices): this is
 a measuring tool for this repository, not an API.
@@ -141,11 +142,16 @@ def prefill_bound(model, ids, keep_last: bool, torch_seconds, repeats: int = 5) 
     return result
 
 
-def decode_bound(model, batch: int, torch_tokens_per_s, repeats: int = 7) -> dict:
-    """The time of a decoding step's products alone for `batch` rows: every matrix (the
-    blocks' four and the tied head) streamed once through numpy-gpt2's few-rows loop."""
+def decode_bound(model, ids, torch_tokens_per_s, repeats: int = 7, steps: int = 8) -> dict:
+    """A decoding step's products alone for the rows of prompts ids [B, T]: every matrix (the
+    blocks' four and the tied head) streamed once through numpy-gpt2's few-rows loop.
+
+    numpy-gpt2's own steps after ids are timed in turn with them (`steps` a round), so the two
+    are compared within the same minute of the machine's memory bandwidth.
+    """
     from numpy_gpt2 import kernels
 
+    batch = len(ids)
     matrices = [kernels.stored_rows(linear.weight)
                 for block in model.h
                 for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
@@ -154,26 +160,37 @@ def decode_bound(model, batch: int, torch_tokens_per_s, repeats: int = 7) -> dic
     xs = [rng.standard_normal((batch, rows.shape[1])).astype(model.dtype) for rows in matrices]
     outs = [np.empty((batch, rows.shape[0]), dtype=model.dtype) for rows in matrices]
 
-    def step():
+    def products():
         for x, rows, out in zip(xs, matrices, outs):
             kernels._few_rows_times(x, rows, out)
 
-    step()
-    seconds = []
+    def decoding_steps():
+        tokens = model.stream(ids, steps + 1, eos_token_id=None)
+        next(tokens)  # the prompt's forward: not a step
+        start = time.perf_counter()
+        for _ in tokens:
+            pass
+        return (time.perf_counter() - start) / steps
+
+    products()
+    decoding_steps()
+    alone, step = [], []
     with quiet_gc():
         for _ in range(repeats):
             start = time.perf_counter()
-            step()
-            seconds.append(time.perf_counter() - start)
-    step_seconds = median(seconds)
+            products()
+            alone.append(time.perf_counter() - start)
+            step.append(decoding_steps())
+    alone_seconds = median(alone)
     weight_bytes = sum(rows.nbytes for rows in matrices)
     result = {
         "weight_bytes_per_step": weight_bytes,
-        "products_alone_seconds_per_step": step_seconds,
-        "bytes_per_s": weight_bytes / step_seconds,
-        "tokens_per_s_ceiling": batch / step_seconds,
+        "step_seconds": median(step),
+        "products_alone_seconds_per_step": alone_seconds,
+        "bytes_per_s": weight_bytes / alone_seconds,
+        "tokens_per_s_ceiling": batch / alone_seconds,
     }
     if torch_tokens_per_s is not None:
         result["torch_tokens_per_s"] = torch_tokens_per_s
-        result["ratio_ceiling"] = batch / step_seconds / torch_tokens_per_s
+        result["ratio_ceiling"] = batch / alone_seconds / torch_tokens_per_s
     return result

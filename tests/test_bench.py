@@ -156,7 +156,8 @@ def test_prefill_bound_leaves_the_kernels_as_they_were(bound, tiny_ref, ids):
 def test_decode_bound_reads_every_weight_matrix_once(bound, tiny_ref, batch):
     # Reference: the sizes of transformers' own c_attn, c_proj, c_fc, mlp.c_proj and wte tensors.
     model = GPT2.from_pretrained(tiny_ref.hub_dir)
-    result = bound.decode_bound(model, batch, torch_tokens_per_s=10.0, repeats=2)
+    ids = np.random.default_rng(3).integers(0, 1000, size=(batch, 5))
+    result = bound.decode_bound(model, ids, torch_tokens_per_s=10.0, repeats=2, steps=3)
 
     expected = sum(p.numel() * 4 for name, p in tiny_ref.torch_model.named_parameters()
                    if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight", "wte.weight")))
@@ -164,3 +165,4 @@ def test_decode_bound_reads_every_weight_matrix_once(bound, tiny_ref, batch):
     seconds = result["products_alone_seconds_per_step"]
     assert result["tokens_per_s_ceiling"] == pytest.approx(batch / seconds)
     assert result["ratio_ceiling"] == pytest.approx(batch / seconds / 10.0)
+    assert result["step_seconds"] > 0
