@@ -137,6 +137,7 @@ def test_prefill_bound_times_every_dense_product(bound, tiny_ref, ids):
     profile = result["profile_seconds"]
     assert set(profile) == {"block products", "head", "attention", "layernorms", "rest", "total"}
     assert all(profile[part] > 0 for part in ("block products", "head", "attention", "layernorms"))
+    assert sum(seconds for part, seconds in profile.items() if part != "total") == pytest.approx(profile["total"])
     assert result["ratio_ceiling"] == pytest.approx(1.0 / result["dense_products_alone_seconds"])
     by_part = result["dense_products_alone_seconds_by_part"]
     assert set(by_part) == {"block products", "head"}
