@@ -277,6 +277,8 @@ def machine_info(threads: int) -> dict:
     import numba
     import numpy as np
 
+    from numpy_gpt2.threads import blas_kernels
+
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -299,7 +301,8 @@ def machine_info(threads: int) -> dict:
         "cores": os.cpu_count(),
         "cores_available": len(os.sched_getaffinity(0)),
         "platform": platform.platform(),
-        "blas": {k: blas.get(k) for k in ("name", "version", "openblas configuration")},
+        "blas": {**{k: blas.get(k) for k in ("name", "version", "openblas configuration")},
+                 "kernels": blas_kernels()},  # as numpy_gpt2 chose them (threads.choose_blas_kernels)
         "versions": versions,
         "threads": threads,
         "numba_threads": numba.get_num_threads(),
@@ -388,7 +391,8 @@ def markdown_table(results: dict) -> str:
         lines += ["", "What bounds these rows, measured in this run (bench/bound.py):"]
         lines += [f"- {bound_note(case, bounds[case['key']])}" for case in results["cases"] if case["key"] in bounds]
     m = results["machine"]
-    lines += ["", f"{m['cpu']}, {m['cores_available']} cores, {m['blas']['name']} {m['blas']['version']}, "
+    kernels = f" ({m['blas']['kernels']} kernels)" if m["blas"].get("kernels") else ""
+    lines += ["", f"{m['cpu']}, {m['cores_available']} cores, {m['blas']['name']} {m['blas']['version']}{kernels}, "
               f"numba threading layer {m['numba_threading_layer']}, {results['date']}; "
               "load average {:.1f} at start, {:.1f} at end".format(
                   results["load_average"]["start"][0], results["load_average"]["end"][0])]

@@ -10,7 +10,10 @@
 from .config import GPT2Config
 from .errors import CheckpointError, ConfigError, GPT2Error, ModelNotFoundError, TokenizerError
 from .model import GPT2, KVCache
+from .threads import choose_blas_kernels
 from .tokenizer import Tokenizer
+
+choose_blas_kernels()  # the BLAS kernels that fit this CPU (Haswell's on AMD Zen 4); see there
 
 __version__ = "0.1.0"
 

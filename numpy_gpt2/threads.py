@@ -14,6 +14,10 @@ unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS say otherwise; Numba follows NUMBA
 `set_threads(n)` sets the number for both, and for the BLAS outside these (it is found among
 the libraries this process has loaded and set through its own setter: OpenBLAS, as NumPy's
 wheels ship it, under any of its symbol prefixes; or MKL).
+
+Which of OpenBLAS's kernel sets the products use is chosen here too, once on import
+(`choose_blas_kernels`): on AMD Zen 4 its AVX2 kernels are faster than the AVX-512 ones it
+picks by itself.
 """
 
 import concurrent.futures
@@ -38,8 +42,9 @@ _GETTERS = (
 
 
 @functools.lru_cache(maxsize=1)
-def _blas_library():
-    """(setter, getter) of the BLAS NumPy loaded, or (None, None) if none is recognised."""
+def _blas_handle():
+    """(library, setter, getter) of the BLAS NumPy loaded, or (None, None, None) if none is
+    recognised."""
     import numpy  # noqa: F401  -- make sure NumPy's BLAS is loaded before we look for it
 
     try:
@@ -56,8 +61,81 @@ def _blas_library():
         setter = next((getattr(lib, s) for s in _SETTERS if hasattr(lib, s)), None)
         getter = next((getattr(lib, s) for s in _GETTERS if hasattr(lib, s)), None)
         if setter is not None:
-            return setter, getter
-    return None, None
+            return lib, setter, getter
+    return None, None, None
+
+
+def _blas_library():
+    """(setter, getter) of the BLAS NumPy loaded, or (None, None) if none is recognised."""
+    return _blas_handle()[1:]
+
+
+# OpenBLAS's kernel sets for AVX-512 cores, as `gotoblas_corename` names them.
+_AVX512_KERNELS = ("skylakex", "cooperlake", "sapphirerapids")
+
+
+def blas_kernels() -> str | None:
+    """The name of the kernel set NumPy's OpenBLAS uses ("Haswell", "SkylakeX", ...), or None
+    when the BLAS is not an OpenBLAS that says."""
+    lib = _blas_handle()[0]
+    corename = getattr(lib, "gotoblas_corename", None) if lib is not None else None
+    if corename is None:
+        return None
+    corename.restype = ctypes.c_char_p
+    return corename().decode()
+
+
+def choose_blas_kernels() -> str | None:
+    """On AMD Zen 4, switch NumPy's OpenBLAS from its AVX-512 kernels to its AVX2 (Haswell)
+    ones; return the kernel set in force (see `blas_kernels`).
+
+    OpenBLAS picks its SkylakeX kernels for any CPU with AVX-512. Zen 4 runs a 512-bit
+    instruction as two 256-bit halves, so they do the same arithmetic per cycle with blocking
+    tuned for Intel's caches: measured on a Zen 4 EPYC, float32 products of a prompt's shapes
+    ran 3-10% faster with the Haswell kernels, and a 512-token prompt 6-11% faster
+    (float64 products 5% slower). Nothing changes when OPENBLAS_CORETYPE is set (the user's
+    own choice), on other CPUs (Zen 5 has full-width AVX-512), or when the library does not
+    offer the switch (`gotoblas_dynamic_init` of a DYNAMIC_ARCH build with Haswell kernels).
+
+    The switch replaces the kernel table of the whole process, so it must not run while
+    another thread is inside the BLAS: numpy-gpt2 calls it once, on import.
+    """
+    current = blas_kernels()
+    if current is None or current.lower() not in _AVX512_KERNELS or "OPENBLAS_CORETYPE" in os.environ:
+        return current
+    lib = _blas_handle()[0]
+    if not all(hasattr(lib, name) for name in ("gotoblas_dynamic_quit", "gotoblas_dynamic_init", "gotoblas_HASWELL")):
+        return current
+    if not _zen_with_half_width_avx512(_cpu_info()):
+        return current
+    # dynamic_init reads OPENBLAS_CORETYPE, as it does when the library loads.
+    os.environ["OPENBLAS_CORETYPE"] = "Haswell"
+    try:
+        lib.gotoblas_dynamic_quit()
+        lib.gotoblas_dynamic_init()
+    finally:
+        del os.environ["OPENBLAS_CORETYPE"]
+    return blas_kernels()
+
+
+def _cpu_info() -> str:
+    """The text of /proc/cpuinfo, or "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return info.read()
+    except OSError:
+        return ""
+
+
+def _zen_with_half_width_avx512(cpu_info: str) -> bool:
+    """Whether /proc/cpuinfo's text describes AMD Zen 4 (family 0x19 with AVX-512)."""
+    fields = {}
+    for line in cpu_info.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    return (fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
+            and "avx512f" in fields.get("flags", "").split())
 
 
 _parts = None  # threads for run_in_parts: set_threads(n), else the BLAS's own count (see _part_count)

@@ -135,3 +135,52 @@ def test_run_in_parts_follows_openblas_num_threads(n):
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(n), "OMP_NUM_THREADS": str(n)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str([(0, 8)] if n == 1 else [(0, 4), (4, 8)])
+
+
+# ---- the BLAS kernel set (choose_blas_kernels) -------------------------------------------
+# /proc/cpuinfo as Linux prints it for each CPU, cut to the fields that matter (AMD's family
+# numbers: 0x19 = 25 is Zen 3 and Zen 4, 0x1A = 26 is Zen 5; Intel's server cores are family 6).
+_CPUINFO = "vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 17\nflags\t\t: fpu sse2 avx avx2 fma{avx512}\n\n"
+
+
+@pytest.mark.parametrize("vendor, family, avx512, zen4", [
+    ("AuthenticAMD", 25, True, True),     # Zen 4 (EPYC 9004, Ryzen 7000)
+    ("AuthenticAMD", 25, False, False),   # Zen 3: no AVX-512, OpenBLAS already picks AVX2 kernels
+    ("AuthenticAMD", 26, True, False),    # Zen 5: full-width AVX-512
+    ("GenuineIntel", 6, True, False),     # Skylake-X and later
+])
+def test_zen4_is_recognised_from_cpuinfo(vendor, family, avx512, zen4):
+    text = _CPUINFO.format(vendor=vendor, family=family, avx512=" avx512f avx512vl" if avx512 else "") * 2
+    assert threads._zen_with_half_width_avx512(text) is zen4
+
+
+# OpenBLAS's own report of its kernel set, read without numpy_gpt2.
+_OPENBLAS_KERNELS = """
+import ctypes, numpy
+libs = [line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()]
+corename = getattr(ctypes.CDLL(libs[0]), "gotoblas_corename", None) if libs else None
+if corename is not None:
+    corename.restype = ctypes.c_char_p
+print(corename().decode() if corename is not None else "")
+"""
+
+
+def _run(code, **env):
+    env = {**{k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}, **env}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_zen4_gets_the_avx2_kernels_and_a_set_coretype_is_kept():
+    """OpenBLAS's choice in a process without numpy_gpt2, against the one in force after its import."""
+    own = _run(_OPENBLAS_KERNELS)
+    if not own:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS that names its kernels")
+    after_import = "import numpy_gpt2\n" + _OPENBLAS_KERNELS
+    if own.lower() in threads._AVX512_KERNELS and threads._zen_with_half_width_avx512(threads._cpu_info()):
+        assert _run(after_import) == "Haswell"
+        assert threads.blas_kernels() == "Haswell"  # this process, through numpy_gpt2's reader
+        # A coretype the user set is theirs: the same AVX-512 kernels stay.
+        assert _run(after_import, OPENBLAS_CORETYPE=own) == own
+    else:
+        assert _run(after_import) == own  # any other CPU keeps what OpenBLAS chose
