@@ -255,12 +255,20 @@ def linear_gelu(x, weight, bias):
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
 
 
-def matmul_transposed(x, weight):
-    """x: [..., K] @ weight.T, weight: [N, K] -> [..., N]; the tied head, x @ wte.T."""
+def matmul_transposed(x, weight, out=None):
+    """x: [..., K] @ weight.T, weight: [N, K] -> [..., N]; the tied head, x @ wte.T.
+
+    out, when given: a C-contiguous [..., N] array of weight's dtype to write the result into.
+    """
     rows = _rows(x)
-    out = np.empty((len(rows), weight.shape[0]), dtype=weight.dtype)
-    _product(rows, np.ascontiguousarray(weight), out)
-    return out.reshape(x.shape[:-1] + (weight.shape[0],))
+    shape = x.shape[:-1] + (weight.shape[0],)
+    if out is None:
+        out = np.empty(shape, dtype=weight.dtype)
+    elif out.shape != shape or out.dtype != weight.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {weight.dtype} array of shape {shape}, "
+                         f"found {out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' not C-contiguous'}")
+    _product(rows, np.ascontiguousarray(weight), out.reshape(len(rows), weight.shape[0]))
+    return out
 
 
 @numba.njit(**_JIT)

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from . import kernels, ops
+from .buffers import OutputMemory
 from .config import GPT2Config
 from .errors import GPT2Error
 from .weights import Checkpoint, load_checkpoint, mapped_file, release_pages
@@ -191,6 +192,10 @@ class GPT2:
             / (i + 1 if config.scale_attn_by_inverse_layer_idx else 1)
             for i in range(config.n_layer)
         ]
+        # The logits' memory, kept for the next call once they are dropped (see `buffers`); it
+        # never holds more than two blocks, each at most the size of the weights.
+        self._logits_memory = OutputMemory(max_bytes=self.wte.nbytes + sum(
+            lin.weight.nbytes for b in self.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)))
 
     # ---- construction -------------------------------------------------------------------
 
@@ -295,7 +300,8 @@ class GPT2:
 
     def _head(self, x):
         """x: [B, T, C] -> logits [B, T, V] = x @ wte.T: the output head is the embedding, tied."""
-        return kernels.matmul_transposed(x, self.wte)
+        B, T, _ = x.shape
+        return kernels.matmul_transposed(x, self.wte, self._logits_memory.empty((B, T, len(self.wte)), self.dtype))
 
     def _norm(self, x, ln: LayerNorm):
         return kernels.layer_norm(x, ln.weight, ln.bias, self.config.layer_norm_epsilon)

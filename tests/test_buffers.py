@@ -1,0 +1,139 @@
+"""The logits' memory is reused only once nothing views it: a result the caller holds, or any
+slice or view of it, never changes. NumPy's own `np.shares_memory` is the judge of overlap,
+and transformers' logits of what was asked are the judge of content."""
+
+import concurrent.futures
+import gc
+
+import numpy as np
+import pytest
+
+from conftest import tolerance
+from numpy_gpt2 import GPT2, buffers
+from numpy_gpt2.buffers import OutputMemory
+
+MiB = 1 << 20
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def test_arrays_are_plain_writable_c_arrays():
+    memory = OutputMemory(max_bytes=64 * MiB, min_bytes=0)
+    a = memory.empty((3, 5, 7), np.float32)
+    assert a.shape == (3, 5, 7) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+    a[...] = 1.5
+    assert a.sum() == 1.5 * 105
+
+
+@pytest.mark.parametrize("keep", [
+    lambda a: a,
+    lambda a: a[1, 2:],
+    lambda a: a.reshape(-1),
+    lambda a: a.T,
+    lambda a: a.view(np.int32),
+    lambda a: memoryview(a),
+    lambda a: np.lib.stride_tricks.as_strided(a, shape=(2,), strides=(4,)),
+    lambda a: [a[0]],
+])
+def test_memory_a_view_holds_is_not_handed_out(keep):
+    memory = OutputMemory(max_bytes=64 * MiB, min_bytes=0)
+    first = memory.empty((4, 1000), np.float32)
+    first[...] = 7
+    kept = keep(first)
+    del first
+    second = memory.empty((4, 1000), np.float32)
+    second[...] = -1
+    held = np.asarray(kept[0] if isinstance(kept, list) else kept)
+    assert not np.shares_memory(held, second)
+    assert np.all(held.view(np.float32) == 7) if held.dtype != np.float32 else np.all(held == 7)
+
+
+def test_memory_is_reused_once_every_view_is_gone():
+    memory = OutputMemory(max_bytes=64 * MiB, min_bytes=0)
+    first = memory.empty((4, 1000), np.float32)
+    address, view = _address(first), first[2:]
+    del first
+    assert _address(memory.empty((4, 1000), np.float32)) != address  # the view still holds it
+    del view
+    assert _address(memory.empty((4, 1000), np.float32)) == address
+    assert _address(memory.empty((3, 1000), np.float32)) == address   # smaller, at least half
+    assert _address(memory.empty((1, 1000), np.float32)) != address   # under half: a new block
+
+
+def test_a_result_in_a_reference_cycle_is_freed_by_the_collector():
+    memory = OutputMemory(max_bytes=64 * MiB, min_bytes=0)
+    first = memory.empty((1000,), np.float32)
+    address = _address(first)
+    cycle = [first]
+    cycle.append(cycle)
+    del first, cycle
+    gc.collect()
+    assert _address(memory.empty((1000,), np.float32)) == address
+
+
+def test_what_is_kept_is_bounded():
+    memory = OutputMemory(max_bytes=8 * MiB, max_blocks=2, min_bytes=MiB)
+    small = memory.empty((MiB // 8,), np.float32)            # 0.5 MiB: under min_bytes
+    large = memory.empty((3 * MiB,), np.float32)             # 12 MiB: over max_bytes
+    assert small.flags.owndata and large.flags.owndata and memory.kept_bytes == 0
+    held = [memory.empty((MiB,), np.float32) for _ in range(3)]  # 4 MiB each, two blocks at most
+    assert memory.kept_bytes == 8 * MiB and held[2].flags.owndata
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(held) for b in held[i + 1:])
+    del held
+    memory.empty((2 * MiB,), np.float32)                     # 8 MiB: replaces a free block
+    assert memory.kept_bytes == 12 * MiB
+
+
+def test_threads_never_share_a_block():
+    memory = OutputMemory(max_bytes=64 * MiB, max_blocks=4, min_bytes=0)
+
+    def fill(value):
+        arrays = []
+        for _ in range(200):
+            a = memory.empty((256,), np.int64)
+            a[...] = value
+            arrays.append(a)
+            if len(arrays) > 2:
+                arrays.pop(0)
+            assert np.all(arrays[0] == value) and np.all(arrays[-1] == value)
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(fill, range(8)))
+
+
+@pytest.fixture
+def pooled_model(tiny_ref, monkeypatch):
+    """The tiny model, its logits pooled however small (the model's own rule keeps blocks of
+    4 MB and more, which only the larger shapes reach)."""
+    monkeypatch.setattr(buffers, "MIN_BYTES", 0)
+    return GPT2.from_pretrained(tiny_ref.hub_dir)
+
+
+def test_held_logits_stay_those_of_their_input(tiny_ref, pooled_model):
+    vocab = tiny_ref.config["vocab_size"]
+    a, b, c = (np.random.default_rng(seed).integers(0, vocab, (2, 16)) for seed in range(3))
+    last_of_a = pooled_model(a)[:, -1]                       # the result dropped, a view kept
+    logits_b = pooled_model(b)
+    assert not np.shares_memory(last_of_a, logits_b)
+    for got, ids in ((last_of_a, a), (logits_b, b)):
+        expected = tiny_ref.logits(ids)
+        np.testing.assert_allclose(got, expected[:, -1] if got.ndim == 2 else expected,
+                                   rtol=0, atol=tolerance(expected, "float32"))
+    address = _address(logits_b)
+    del logits_b, got
+    logits_c = pooled_model(c)                               # b's memory again, all rewritten
+    assert _address(logits_c) == address
+    expected = tiny_ref.logits(c)
+    np.testing.assert_allclose(logits_c, expected, rtol=0, atol=tolerance(expected, "float32"))
+
+
+def test_two_threads_prompting_at_once_get_their_own_logits(tiny_ref, pooled_model):
+    sequences = np.random.default_rng(5).integers(0, tiny_ref.config["vocab_size"], (6, 1, 24))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(pooled_model, sequences))
+    for ids, logits in zip(sequences, results):
+        expected = tiny_ref.logits(ids)
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32"))
