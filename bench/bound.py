@@ -65,9 +65,9 @@ def _recorded_products(model, ids, logits_to_keep):
     calls = []
     product = kernels._product
 
-    def record(rows, rows_of_out, out, finish=None):
+    def record(rows, rows_of_out, out, *args, **kwargs):
         calls.append((len(rows), rows_of_out))
-        return product(rows, rows_of_out, out, finish)
+        return product(rows, rows_of_out, out, *args, **kwargs)
 
     kernels._product = record
     try:
@@ -89,7 +89,7 @@ def _fastest_seconds(function, repeats):
 
 def _products_alone(calls, dtype, repeats, rng):
     """Seconds of each recorded product on its own, the faster of numpy-gpt2's path and a
-    plain NumPy matmul on the BLAS's own threads, each its best of `repeats`."""
+    plain NumPy matmul on the BLAS's own threads, each its best of `repeats`; without a bias."""
     from numpy_gpt2 import kernels
 
     seconds = []

@@ -28,12 +28,13 @@ Every jitted function has `cache=True`: the compile cost (a few seconds) is paid
 machine, not once per process.
 """
 
+import ctypes
 import math
 
 import numba
 import numpy as np
 
-from .threads import run_in_parts
+from .threads import blas_function, run_in_parts
 
 # error_model="numpy": a float division by zero gives inf as in NumPy instead of raising, which
 # removes a branch from every division and lets loops vectorise (10x on the GELU here).
@@ -201,31 +202,76 @@ def _rows(x):
     return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
 
 
-def _product(rows, rows_of_out, out, finish=None):
-    """out: [M, N] = rows: [M, K] @ rows_of_out.T, rows_of_out: [N, K].
+def _gemm_add_function(dtype):
+    """c += a @ b_rows.T through the BLAS's own ?gemm with beta = 1, for a: [M, K] and b_rows:
+    [N, K] C-contiguous and c: [M, N] with unit column stride (a band of a wider array), all
+    of `dtype`; None where NumPy's BLAS does not export it under a name whose integer width is
+    known (scipy-openblas64, as NumPy's wheels ship it: 64-bit).
+
+    np.matmul calls ?gemm with beta = 0, so the BLAS first zeroes c and a bias is added in a
+    pass of its own after; with c holding the bias beforehand the sum comes out of the product.
+    """
+    name = {np.float32: "cblas_sgemm64_", np.float64: "cblas_dgemm64_"}.get(np.dtype(dtype).type)
+    gemm = blas_function("scipy_" + name, name) if name else None
+    if gemm is None:
+        return None
+    scalar, index, pointer = np.ctypeslib.as_ctypes_type(dtype), ctypes.c_int64, ctypes.c_void_p
+    gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, index, index, index, scalar, pointer,
+                     index, pointer, index, scalar, pointer, index]
+    gemm.restype = None
+    row_major, no_trans, trans = 101, 111, 112
+
+    def gemm_add(a, b_rows, c):
+        (M, K), N = a.shape, b_rows.shape[0]
+        if not (a.flags.c_contiguous and b_rows.flags.c_contiguous and c.shape == (M, N) and c.strides[1] == c.itemsize
+                and b_rows.shape[1] == K and a.dtype == b_rows.dtype == c.dtype == dtype):
+            raise ValueError(f"gemm_add: a {a.shape}, b_rows {b_rows.shape}, c {c.shape} do not fit")
+        gemm(row_major, no_trans, trans, M, N, K, 1, a.ctypes.data, K, b_rows.ctypes.data, K, 1,
+             c.ctypes.data, c.strides[0] // c.itemsize)
+
+    return gemm_add
+
+
+_GEMM_ADD = {dtype: _gemm_add_function(dtype) for dtype in (np.float32, np.float64)}
+
+
+def _product(rows, rows_of_out, out, bias=None, finish=None):
+    """out: [M, N] = rows: [M, K] @ rows_of_out.T (+ bias: [N]), rows_of_out: [N, K].
 
     finish(n0, n1), when given, is called once each band n0:n1 of output columns of `out` is
-    done (to add a bias, say), in the thread that made the band. The path depends on M:
+    done, in the thread that made the band. The path depends on M:
     - up to FEW_ROWS rows (decoding) `_few_rows_times`: every weight is read once per token,
       and this is a stream through memory;
     - up to _THIN_ROWS rows, BLAS with the weight on the left, a band of its rows per thread:
       with it on the right BLAS repacks the whole transposed operand on every call, and
       streaming it once is 1.3-1.5x faster at 8-64 rows;
-    - beyond, BLAS with a band of output columns per thread (`run_in_parts`).
+    - beyond, BLAS with a band of output columns per thread (`run_in_parts`), the bias put in
+      the band first for the BLAS to add the product to (`_gemm_add_function`).
     """
     M, N = len(rows), rows_of_out.shape[0]
     finish = finish or (lambda n0, n1: None)
+    gemm_add = _GEMM_ADD.get(out.dtype.type) if bias is not None else None
     if M <= FEW_ROWS:
         _few_rows_times(rows, rows_of_out, out)
+        if bias is not None:
+            out += bias
         finish(0, N)
     elif M <= _THIN_ROWS:
         out_t = np.empty((N, M), dtype=out.dtype)
         run_in_parts(N, lambda n0, n1: np.matmul(rows_of_out[n0:n1], rows.T, out=out_t[n0:n1]))
         out[...] = out_t.T
+        if bias is not None:
+            out += bias
         finish(0, N)
     else:
         def band(n0, n1):
-            np.matmul(rows, rows_of_out[n0:n1].T, out=out[:, n0:n1])
+            if gemm_add is not None:
+                out[:, n0:n1] = bias[n0:n1]
+                gemm_add(rows, rows_of_out[n0:n1], out[:, n0:n1])
+            else:
+                np.matmul(rows, rows_of_out[n0:n1].T, out=out[:, n0:n1])
+                if bias is not None:
+                    out[:, n0:n1] += bias[n0:n1]
             finish(n0, n1)
 
         run_in_parts(N, band)
@@ -235,11 +281,7 @@ def linear(x, weight, bias):
     """x: [..., in] -> [..., out] = x @ weight + bias (see `ops.linear`)."""
     rows = _rows(x)
     out = np.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
-
-    def add_bias(n0, n1):
-        out[:, n0:n1] += bias[n0:n1]
-
-    _product(rows, stored_rows(weight), out, add_bias)
+    _product(rows, stored_rows(weight), out, bias)
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
 
 
@@ -251,7 +293,8 @@ def linear_gelu(x, weight, bias):
     rows = _rows(x)
     product = np.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
     out = np.empty_like(product)
-    _product(rows, stored_rows(weight), product, lambda n0, n1: _bias_gelu(product, bias, out, n0, n1))
+    _product(rows, stored_rows(weight), product,
+             finish=lambda n0, n1: _bias_gelu(product, bias, out, n0, n1))
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
 
 

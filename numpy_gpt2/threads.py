@@ -70,6 +70,12 @@ def _blas_library():
     return _blas_handle()[1:]
 
 
+def blas_function(*names: str):
+    """The first of `names` that NumPy's BLAS exports, as a ctypes function, or None."""
+    lib = _blas_handle()[0]
+    return next((getattr(lib, name) for name in names if lib is not None and hasattr(lib, name)), None)
+
+
 # OpenBLAS's kernel sets for AVX-512 cores, as `gotoblas_corename` names them.
 _AVX512_KERNELS = ("skylakex", "cooperlake", "sapphirerapids")
 

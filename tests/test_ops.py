@@ -115,6 +115,34 @@ def test_linear_matches_torch(impl, dtype, rows, layout):
     np.testing.assert_allclose(out, ref.numpy(), **PRODUCT_TOL[dtype])
 
 
+@pytest.mark.parametrize("path", ["gemm with the bias in", "matmul, then the bias"])
+@pytest.mark.parametrize("rows", [65, 200])
+def test_linear_many_rows_both_blas_paths_match_torch(dtype, rows, path, monkeypatch):
+    """Beyond _THIN_ROWS the bias goes into each output band first and the BLAS's own ?gemm adds
+    the product to it; where the BLAS does not export ?gemm, np.matmul and then the bias."""
+    gemm_add = kernels._GEMM_ADD[np.dtype(dtype).type]
+    if path.startswith("gemm") and gemm_add is None:
+        pytest.skip("NumPy's BLAS does not export cblas_?gemm64_ (not scipy-openblas64)")
+    if not path.startswith("gemm"):
+        monkeypatch.setitem(kernels._GEMM_ADD, np.dtype(dtype).type, None)
+    x, weight, bias = _random((rows, 61), dtype), LAYOUTS["out-in"](_random((61, 173), dtype, 1)), _random(173, dtype, 2)
+    out = kernels.linear(x, weight, bias)
+    ref = F.linear(torch.from_numpy(x), torch.from_numpy(weight.T.copy()), torch.from_numpy(bias))
+    np.testing.assert_allclose(out, ref.numpy(), **PRODUCT_TOL[dtype])
+
+
+def test_gemm_add_refuses_arrays_that_do_not_fit():
+    gemm_add = kernels._GEMM_ADD[np.float32]
+    if gemm_add is None:
+        pytest.skip("NumPy's BLAS does not export cblas_sgemm64_ (not scipy-openblas64)")
+    a, b, c = _random((4, 6), np.float32), _random((5, 6), np.float32), np.zeros((4, 5), np.float32)
+    for bad in ((a, b, c[:, ::2]), (a[:, ::2], b[:, :3], c), (a, b[:, :5], c), (a.astype(np.float64), b, c)):
+        with pytest.raises(ValueError, match="do not fit"):
+            gemm_add(*bad)
+    gemm_add(a, b, c)
+    np.testing.assert_allclose(c, (torch.from_numpy(a) @ torch.from_numpy(b).T).numpy(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rows", ROWS)
 def test_linear_gelu_matches_torch(dtype, rows, layout):
@@ -137,6 +165,17 @@ def test_matmul_transposed_matches_torch(dtype, rows):
     ref = torch.from_numpy(x.copy()) @ torch.from_numpy(weight).T
     assert out.dtype == dtype and out.shape == (rows, 301) and out.flags.c_contiguous
     np.testing.assert_allclose(out, ref.numpy(), **PRODUCT_TOL[dtype])
+
+
+def test_matmul_transposed_into_out_and_a_bad_out():
+    x, weight = _random((70, 61), np.float32), _random((301, 61), np.float32, 1)
+    out = np.empty((70, 301), np.float32)
+    assert kernels.matmul_transposed(x, weight, out) is out
+    np.testing.assert_allclose(out, (torch.from_numpy(x) @ torch.from_numpy(weight).T).numpy(),
+                               **PRODUCT_TOL[np.float32])
+    for bad in (np.empty((70, 300), np.float32), np.empty((70, 301), np.float64), np.empty((301, 70), np.float32).T):
+        with pytest.raises(ValueError, match="out must be a C-contiguous float32 array of shape"):
+            kernels.matmul_transposed(x, weight, bad)
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "gelu_tanh", "softmax"])
