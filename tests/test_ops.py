@@ -37,8 +37,9 @@ def _random(shape, dtype, seed=0, scale=1.0):
     return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
 
 
-def test_layer_norm_matches_torch(impl, dtype):
-    x = _random((2, 5, 96), dtype, scale=3.0) + dtype(0.5)
+@pytest.mark.parametrize("T", [5, 101], ids=["few rows", "rows in parts"])
+def test_layer_norm_matches_torch(impl, dtype, T):
+    x = _random((2, T, 96), dtype, scale=3.0) + dtype(0.5)
     gamma, beta = _random(96, dtype, 1), _random(96, dtype, 2)
     out = impl.layer_norm(x, gamma, beta, 1e-5)
     ref = F.layer_norm(torch.from_numpy(x), (96,), torch.from_numpy(gamma), torch.from_numpy(beta), eps=1e-5)
