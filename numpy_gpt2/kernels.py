@@ -72,17 +72,10 @@ def _layer_norm_rows(x, gamma, beta, eps, out):
 
 
 def layer_norm(x, gamma, beta, eps):
-    """x: [..., C] -> [..., C]; layernorm over the last axis (see `ops.layer_norm`).
-
-    A prompt's rows (more than _THIN_ROWS) are shared between the threads (`run_in_parts`).
-    """
+    """x: [..., C] -> [..., C]; layernorm over the last axis (see `ops.layer_norm`)."""
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
     out = np.empty_like(rows)
-    eps = float(eps)
-    if len(rows) <= _THIN_ROWS:
-        _layer_norm_rows(rows, gamma, beta, eps, out)
-    else:
-        run_in_parts(len(rows), lambda n0, n1: _layer_norm_rows(rows[n0:n1], gamma, beta, eps, out[n0:n1]))
+    _layer_norm_rows(rows, gamma, beta, float(eps), out)
     return out.reshape(x.shape)
 
 
