@@ -3,8 +3,8 @@
 A forward pass returning all logits hands back a fresh [B, T, V] array: 103 MB for 512 tokens
 of GPT-2 124M. Memory new to the process is page-faulted and zeroed by the kernel on first
 write, and when the host's memory is fragmented the kernel first compacts it into huge pages
-(NumPy asks for them above 4 MB). Measured here, a 512-token forward spent 130-210 ms of
-system time on its logits when it alternated with PyTorch's forwards, and ran 60-70 ms faster
+(NumPy asks for them above 4 MB). Measured here, a 512-token forward spent 100-210 ms of
+system time on its logits when it alternated with PyTorch's forwards, and ran 40-70 ms faster
 when the logits' memory was reused. glibc cannot keep memory this size between calls (it maps
 anything above 32 MB afresh each time), so `OutputMemory` does.
 
