@@ -343,7 +343,7 @@ def markdown_table(results: dict) -> str:
             else:
                 cells.append(_rate(entry["median"]))
         ratio, target = case.get("ratio_to_torch"), case.get("target")
-        cells.append(f"{ratio:.2f}x" if ratio is not None else "–")
+        cells.append(_ratio(ratio, target) if ratio is not None else "–")
         cells.append(f"≥ {target:g}x" if target is not None else "")
         cells.append(case.get("status") or "")
         rows.append(cells)
@@ -457,11 +457,17 @@ def measure_bounds(results: dict, engines: dict, vocab_size: int, every: bool) -
     return out
 
 
+def _ratio(ratio: float, target: float | None) -> str:
+    """The ratio to two decimals, or to three where two would round a miss up to its target."""
+    digits = 3 if target is not None and ratio < target <= round(ratio, 2) else 2
+    return f"{ratio:.{digits}f}x"
+
+
 def bound_note(case: dict, bound: dict) -> str:
     """One line: how far the row is from its target and what its measured bound allows."""
     head = case["label"]
     if case.get("ratio_to_torch") is not None:
-        head += f": {case['ratio_to_torch']:.2f}x torch"
+        head += f": {_ratio(case['ratio_to_torch'], case.get('target'))} torch"
         if case.get("target") is not None:
             head += f" against a target of {case['target']:g}x"
     ceiling = bound.get("ratio_ceiling")

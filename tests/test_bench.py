@@ -167,3 +167,15 @@ def test_decode_bound_reads_every_weight_matrix_once(bound, tiny_ref, batch):
     assert result["tokens_per_s_ceiling"] == pytest.approx(batch / seconds)
     assert result["ratio_ceiling"] == pytest.approx(batch / seconds / 10.0)
     assert result["step_seconds"] > 0
+
+
+def test_a_miss_is_never_printed_as_its_target():
+    """A ratio just under its target is shown with the digit that makes the miss visible."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(BENCH))
+    assert run._ratio(1.2986, 1.3) == "1.299x"
+    assert run._ratio(1.3, 1.3) == "1.30x" and run._ratio(1.2949, 1.3) == "1.29x"
+    assert run._ratio(2.55, None) == "2.55x"
