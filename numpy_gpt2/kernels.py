@@ -44,6 +44,12 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy")
 _FAST = dict(_JIT, fastmath={"reassoc", "contract"})
 _PARALLEL = dict(_FAST, parallel=True)
 
+# Start Numba's threading layer now. A cached function that is not parallel itself but calls
+# parallel ones (`_decode_block`) does not start it when it is loaded from the cache, and its
+# parallel loops then crash the process (numba issue #8578): reproduced here with a cache
+# filled by earlier processes, a segfault on the first decoding step.
+numba.get_num_threads()
+
 # Up to FEW_ROWS rows the products go through the Numba loops below, beyond it through BLAS,
 # up to _THIN_ROWS with the weight on the left (see `_product`).
 FEW_ROWS = 8

@@ -137,3 +137,35 @@ def test_two_threads_prompting_at_once_get_their_own_logits(tiny_ref, pooled_mod
     for ids, logits in zip(sequences, results):
         expected = tiny_ref.logits(ids)
         np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32"))
+
+
+# ---- the keys and values of a forward pass without a cache ---------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(2, 9), (2, 1), (9, 1)], ids=["prompt", "one position", "one position, 9 rows"])
+def test_a_forward_without_a_cache_never_reads_what_it_did_not_write(tiny_ref, dtype, shape, monkeypatch):
+    """Its keys and values come uninitialised from kept memory: filled with NaN here, the logits
+    are still transformers' (padding included)."""
+    model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype=dtype)
+    monkeypatch.setattr(model._scratch_memory, "empty", lambda shape, dtype: np.full(shape, np.nan, dtype))
+    ids = np.random.default_rng(5).integers(0, tiny_ref.config["vocab_size"], shape)
+    mask = np.ones(shape, dtype=np.int64)
+    mask[1, :shape[1] // 2] = 0                              # row 1 left-padded (when T > 1)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    expected = tiny_ref.logits(ids, dtype=dtype, attention_mask=mask, position_ids=positions)
+    logits = model(ids, attention_mask=mask)
+    seen = mask.astype(bool)                                 # padded positions' logits are not defined
+    np.testing.assert_allclose(logits[seen], expected[seen], rtol=0, atol=tolerance(expected, dtype))
+
+
+def test_the_keys_and_values_of_forwards_without_a_cache_are_kept_once(tiny_ref, pooled_model):
+    ids = np.random.default_rng(6).integers(0, tiny_ref.config["vocab_size"], (2, 16))
+    pooled_model(ids)
+    kept = pooled_model._scratch_memory.kept_bytes
+    c = tiny_ref.config
+    assert kept == 2 * c["n_layer"] * 2 * c["n_head"] * 16 * (c["n_embd"] // c["n_head"]) * 4   # k and v
+    for _ in range(3):
+        logits = pooled_model(ids)
+    assert pooled_model._scratch_memory.kept_bytes == kept
+    expected = tiny_ref.logits(ids)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32"))

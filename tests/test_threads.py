@@ -184,3 +184,31 @@ def test_zen4_gets_the_avx2_kernels_and_a_set_coretype_is_kept():
         assert _run(after_import, OPENBLAS_CORETYPE=own) == own
     else:
         assert _run(after_import) == own  # any other CPU keeps what OpenBLAS chose
+
+
+# One step of work per process, all sharing one Numba cache directory.
+_CACHE_STEP = """
+import sys
+import numpy as np
+from numpy_gpt2 import GPT2, kernels
+step, path = sys.argv[1:]
+if step == "attention":       # the parallel attention loop, on its own
+    q, k = np.zeros((2, 1, 4, 8), np.float32), np.zeros((2, 4, 3, 8), np.float32)
+    kernels.causal_attention(q, k, k, np.ones((2, 3), bool), 2, 0.3)
+elif step == "prompt":        # four rows: the parallel few-rows product
+    GPT2.from_pretrained(path)(np.arange(4))
+else:                         # one position, two rows, no cache: decode_block first of all
+    GPT2.from_pretrained(path)(np.arange(2)[:, None])
+"""
+
+
+def test_decode_block_from_a_cache_filled_by_earlier_processes(tiny_ref, tmp_path):
+    """numba issue #8578: a cached function that is not parallel but calls parallel ones, loaded
+    from the cache as the first Numba call of a process, used to crash it (segfault) when it had
+    been compiled beside callees that were themselves loaded from the cache. Each step is the
+    process it would be for a user; every one must exit cleanly."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    for step in ("attention", "prompt", "decode", "decode"):
+        done = subprocess.run([sys.executable, "-c", _CACHE_STEP, step, str(tiny_ref.hub_dir)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"step {step}: exit {done.returncode}\n{done.stderr[-2000:]}"
