@@ -257,15 +257,13 @@ def _product(rows, rows_of_out, out, bias=None, finish=None):
     M, N = len(rows), rows_of_out.shape[0]
     finish = finish or (lambda n0, n1: None)
     gemm_add = _GEMM_ADD.get(out.dtype.type) if bias is not None else None
-    if M <= FEW_ROWS:
-        _few_rows_times(rows, rows_of_out, out)
-        if bias is not None:
-            out += bias
-        finish(0, N)
-    elif M <= _THIN_ROWS:
-        out_t = np.empty((N, M), dtype=out.dtype)
-        run_in_parts(N, lambda n0, n1: np.matmul(rows_of_out[n0:n1], rows.T, out=out_t[n0:n1]))
-        out[...] = out_t.T
+    if M <= _THIN_ROWS:
+        if M <= FEW_ROWS:
+            _few_rows_times(rows, rows_of_out, out)
+        else:
+            out_t = np.empty((N, M), dtype=out.dtype)
+            run_in_parts(N, lambda n0, n1: np.matmul(rows_of_out[n0:n1], rows.T, out=out_t[n0:n1]))
+            out[...] = out_t.T
         if bias is not None:
             out += bias
         finish(0, N)

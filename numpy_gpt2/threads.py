@@ -83,8 +83,7 @@ _AVX512_KERNELS = ("skylakex", "cooperlake", "sapphirerapids")
 def blas_kernels() -> str | None:
     """The name of the kernel set NumPy's OpenBLAS uses ("Haswell", "SkylakeX", ...), or None
     when the BLAS is not an OpenBLAS that says."""
-    lib = _blas_handle()[0]
-    corename = getattr(lib, "gotoblas_corename", None) if lib is not None else None
+    corename = blas_function("gotoblas_corename")
     if corename is None:
         return None
     corename.restype = ctypes.c_char_p
@@ -109,16 +108,14 @@ def choose_blas_kernels() -> str | None:
     current = blas_kernels()
     if current is None or current.lower() not in _AVX512_KERNELS or "OPENBLAS_CORETYPE" in os.environ:
         return current
-    lib = _blas_handle()[0]
-    if not all(hasattr(lib, name) for name in ("gotoblas_dynamic_quit", "gotoblas_dynamic_init", "gotoblas_HASWELL")):
-        return current
-    if not _zen_with_half_width_avx512(_cpu_info()):
+    dynamic_quit, dynamic_init = blas_function("gotoblas_dynamic_quit"), blas_function("gotoblas_dynamic_init")
+    if None in (dynamic_quit, dynamic_init, blas_function("gotoblas_HASWELL")) or not _zen_with_half_width_avx512(_cpu_info()):
         return current
     # dynamic_init reads OPENBLAS_CORETYPE, as it does when the library loads.
     os.environ["OPENBLAS_CORETYPE"] = "Haswell"
     try:
-        lib.gotoblas_dynamic_quit()
-        lib.gotoblas_dynamic_init()
+        dynamic_quit()
+        dynamic_init()
     finally:
         del os.environ["OPENBLAS_CORETYPE"]
     return blas_kernels()
