@@ -109,7 +109,8 @@ def choose_blas_kernels() -> str | None:
     if current is None or current.lower() not in _AVX512_KERNELS or "OPENBLAS_CORETYPE" in os.environ:
         return current
     dynamic_quit, dynamic_init = blas_function("gotoblas_dynamic_quit"), blas_function("gotoblas_dynamic_init")
-    if None in (dynamic_quit, dynamic_init, blas_function("gotoblas_HASWELL")) or not _zen_with_half_width_avx512(_cpu_info()):
+    haswell = blas_function("gotoblas_HASWELL")  # its kernels are in this build
+    if None in (dynamic_quit, dynamic_init, haswell) or not _zen_with_half_width_avx512(_cpu_info()):
         return current
     # dynamic_init reads OPENBLAS_CORETYPE, as it does when the library loads.
     os.environ["OPENBLAS_CORETYPE"] = "Haswell"
