@@ -426,6 +426,34 @@ def _scale_mask_center_(scores, key_mask, start, scale):
 
 
 @numba.njit(**_FAST)
+def _hide_future_(scores, start):
+    """scores: [B, H, T, S] of q.k for queries at positions start..start+T-1, in place: -inf
+    where the key comes after the query."""
+    B, H, T, S = scores.shape
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                row = scores[b, h, t]
+                for s in range(min(start + t + 1, S), S):
+                    row[s] = -np.inf
+
+
+@numba.njit(**_FAST)
+def _scale_center_(scores, row_max, start, scale):
+    """scores: [B, H, T, S] of q.k, row_max: [B, H, T] their maxima over the keys each query
+    sees, in place -> scale * (q.k) - scale * row max where the key is visible (the rest
+    stays -inf). scale > 0, so scale * max(q.k) is also the maximum of the scaled row."""
+    B, H, T, S = scores.shape
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                row = scores[b, h, t]
+                shift = row_max[b, h, t] * scale
+                for s in range(min(start + t + 1, S)):
+                    row[s] = row[s] * scale - shift
+
+
+@numba.njit(**_FAST)
 def _normalise_rows_(weights):
     """weights: [N, S] of exp(score - max), in place -> rows summing to 1 (all-zero rows stay)."""
     for n in range(weights.shape[0]):
@@ -473,14 +501,26 @@ def _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out):
     q, k, v = q[:, :, h0:h1].transpose(0, 2, 1, 3), k[:, h0:h1], v[:, h0:h1]    # [B, h, T or S, D]
     H = h1 - h0
     block = min(T, _QUERY_BLOCK)
+    scale = q.dtype.type(scale)
+    padded = not key_mask[:, :start + T].all()
     scores_buffer = np.empty(B * H * block * (start + T), dtype=q.dtype)
     heads_buffer = np.empty((B, H, block, D), dtype=q.dtype)
+    max_buffer = np.empty((B, H, block), dtype=q.dtype)
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         visible = start + t1
         scores = scores_buffer[:B * H * (t1 - t0) * visible].reshape(B, H, t1 - t0, visible)
         np.matmul(q[:, :, t0:t1], k[:, :, :visible].transpose(0, 1, 3, 2), out=scores)  # [B, h, t, s]
-        _scale_mask_center_(scores, key_mask[:, :visible], start + t0, q.dtype.type(scale))
+        if padded:
+            _scale_mask_center_(scores, key_mask[:, :visible], start + t0, scale)
+        else:
+            # Without padding only the future is masked, and NumPy's vectorised maximum finds
+            # the row maxima (LLVM does not vectorise a float max in Numba): the pass took 0.23
+            # against 0.08 ms for 6 heads of 128 x 512 here.
+            _hide_future_(scores, start + t0)
+            row_max = max_buffer[:, :, :t1 - t0]
+            np.max(scores, axis=-1, out=row_max)
+            _scale_center_(scores, row_max, start + t0, scale)
         np.exp(scores, out=scores)
         _normalise_rows_(scores.reshape(-1, visible))
         heads = heads_buffer[:, :, :t1 - t0]
