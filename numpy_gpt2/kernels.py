@@ -8,7 +8,7 @@ Matrix products: for many rows (a prompt) they go to NumPy's BLAS, cut into one 
 output columns per thread (`threads.run_in_parts`, the BLAS single-threaded in each), and the
 prompt's attention into groups of heads the same way. For a few rows (decoding: one row per
 sequence) every weight is read once per token and the product is a stream through memory.
-The model stores each weight as [out, in] rows (`model._stored_by_rows`), so a Numba loop
+The model stores each weight as [out, in] rows (`model._blocks_in_one_array`), so a Numba loop
 gives each thread one contiguous run of rows to dot with x: 32-65 GB/s here depending on what
 else shares the memory bus, against 24-30 GB/s for BLAS and 30-40 GB/s for the same loop
 over the file's [in, out] layout.
@@ -161,7 +161,7 @@ def gelu_tanh(x):
 #
 # Every product here is x @ weight with weight [K, N] as the maths has it, but each takes the
 # matrix as the model stores it: `rows_of_out` [N, K], C-contiguous, one row per output (see
-# `model._stored_by_rows`; the tied head wte is [V, C] in the file already). `stored_rows`
+# `model._blocks_in_one_array`; the tied head wte is [V, C] in the file already). `stored_rows`
 # gets that array back from the [K, N] view.
 
 @numba.njit(**_PARALLEL)

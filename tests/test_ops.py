@@ -102,7 +102,7 @@ ROWS = [1, 3, 4, 5, 8, 9, 64, 65]
 
 
 # A weight [in, out] as a file holds it, and as the model holds it: the view through .T of an
-# [out, in] array (see model._stored_by_rows).
+# [out, in] array (see model._blocks_in_one_array).
 LAYOUTS = {"in-out": lambda w: w, "out-in": lambda w: np.ascontiguousarray(w.T).T}
 
 

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import mmap
+import operator
 import os
 import pathlib
 import re
@@ -94,15 +95,42 @@ def test_layouts_match_transformers(tiny_ref, where):
 
 def test_float32_weights_are_memory_mapped(tiny_ref):
     """The float32 arrays are read-only views whose base chain ends in the file's mmap (all but
-    wte and the blocks' matrices, which the model copies)."""
+    wte and the blocks' tensors, which the model copies)."""
     model = GPT2.from_pretrained(tiny_ref.hub_dir)
-    for array in (model.wpe, model.h[0].attn.c_attn.bias, model.h[2].mlp.c_proj.bias, model.ln_f.weight):
+    for array in (model.wpe, model.ln_f.weight, model.ln_f.bias):
         assert not array.flags.owndata and not array.flags.writeable
         chain = [array]
         while getattr(chain[-1], "base", None) is not None:
             chain.append(chain[-1].base)
         assert any(isinstance(a, np.memmap) for a in chain)
         assert isinstance(chain[-1], mmap.mmap)
+
+
+def test_block_tensors_are_one_array_in_the_order_a_step_reads_them(tiny_ref):
+    """Every block's tensors are copies in one array (so that nearly all of it is on huge
+    pages), in the order a decoding step reads them, holding the file's values (as
+    safetensors reads them): the matrices as the .T views of [out, in] rows."""
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    file = load_file(str(tiny_ref.hub_dir / "model.safetensors"))
+    order = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+             "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+             "mlp.c_proj.weight", "mlp.c_proj.bias")
+    arrays = [(f"h.{i}.{name}", operator.attrgetter(name)(block)) for i, block in enumerate(model.h) for name in order]
+    memory = arrays[0][1].base
+    while memory.base is not None:
+        memory = memory.base
+    start = memory.ctypes.data
+    for name, array in arrays:
+        np.testing.assert_array_equal(array, file[name], err_msg=name)
+        owner = array.base
+        while owner.base is not None:
+            owner = owner.base
+        assert owner is memory, name
+        if array.ndim == 2:
+            assert array.T.flags.c_contiguous, name                                 # [out, in] rows
+        assert array.__array_interface__["data"][0] == start, f"{name} is not where the one before it ends"
+        start += array.nbytes
+    assert start == memory.ctypes.data + memory.nbytes
 
 
 def _resident_file_kib() -> int:
