@@ -77,10 +77,14 @@ def _layer_norm_rows(x, gamma, beta, eps, out):
             out[n, c] = gamma[c] * ((x[n, c] - mean) * inv_std) + beta[c]
 
 
-def layer_norm(x, gamma, beta, eps):
-    """x: [..., C] -> [..., C]; layernorm over the last axis (see `ops.layer_norm`)."""
+def layer_norm(x, gamma, beta, eps, empty=np.empty):
+    """x: [..., C] -> [..., C]; layernorm over the last axis (see `ops.layer_norm`).
+
+    empty(shape, dtype), here and in the functions below: makes the result and any buffer
+    (np.empty; the model passes its kept memory for a prompt, see `buffers`).
+    """
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
-    out = np.empty_like(rows)
+    out = empty(rows.shape, rows.dtype)
     _layer_norm_rows(rows, gamma, beta, float(eps), out)
     return out.reshape(x.shape)
 
@@ -281,22 +285,22 @@ def _product(rows, rows_of_out, out, bias=None, finish=None):
         run_in_parts(N, band)
 
 
-def linear(x, weight, bias):
+def linear(x, weight, bias, empty=np.empty):
     """x: [..., in] -> [..., out] = x @ weight + bias (see `ops.linear`)."""
     rows = _rows(x)
-    out = np.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
+    out = empty((len(rows), weight.shape[1]), weight.dtype)
     _product(rows, stored_rows(weight), out, bias)
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
 
 
-def linear_gelu(x, weight, bias):
+def linear_gelu(x, weight, bias, empty=np.empty):
     """x: [..., in] -> [..., out]: gelu_tanh(x @ weight + bias), the bias added in the GELU pass.
 
     The twin of `ops.gelu_tanh(ops.linear(x, weight, bias))`, the GELU done band by band.
     """
     rows = _rows(x)
-    product = np.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
-    out = np.empty_like(product)
+    product = empty((len(rows), weight.shape[1]), weight.dtype)
+    out = empty(product.shape, product.dtype)
     _product(rows, stored_rows(weight), product,
              finish=lambda n0, n1: _bias_gelu(product, bias, out, n0, n1))
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
@@ -467,7 +471,7 @@ def _normalise_rows_(weights):
                 row[s] *= inv_total
 
 
-def causal_attention(q, k, v, key_mask, start, scale):
+def causal_attention(q, k, v, key_mask, start, scale, empty=np.empty):
     """q: [B, T, H, D], k, v: [B, H, S, D], key_mask: [B, S] bool -> [B, T, H*D].
 
     Attention of new queries (absolute positions start..start+T-1) over keys 0..S-1, causal and
@@ -485,12 +489,12 @@ def causal_attention(q, k, v, key_mask, start, scale):
         attend = _attend_over_cache_parallel if B <= FEW_ROWS else _attend_over_cache
         attend(np.ascontiguousarray(q), k, v, key_mask, start, q.dtype.type(scale), out)
         return out.reshape(B, T, H * D)
-    out = np.empty((B, T, H, D), dtype=q.dtype)
-    run_in_parts(H, lambda h0, h1: _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out))
+    out = empty((B, T, H, D), q.dtype)
+    run_in_parts(H, lambda h0, h1: _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out, empty))
     return out.reshape(B, T, H * D)
 
 
-def _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out):
+def _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out, empty=np.empty):
     """`causal_attention` of heads h0..h1-1 for T > 1 positions, into out: [B, T, H, D].
 
     Queries in blocks, each against only the keys it can see: a causal prompt needs about half
@@ -503,9 +507,9 @@ def _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out):
     block = min(T, _QUERY_BLOCK)
     scale = q.dtype.type(scale)
     padded = not key_mask[:, :start + T].all()
-    scores_buffer = np.empty(B * H * block * (start + T), dtype=q.dtype)
-    heads_buffer = np.empty((B, H, block, D), dtype=q.dtype)
-    max_buffer = np.empty((B, H, block), dtype=q.dtype)
+    scores_buffer = empty((B * H * block * (start + T),), q.dtype)
+    heads_buffer = empty((B, H, block, D), q.dtype)
+    max_buffer = empty((B, H, block), q.dtype)
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         visible = start + t1

@@ -231,6 +231,9 @@ class GPT2:
             lin.weight.nbytes for b in self.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
         self._logits_memory = OutputMemory(max_bytes=weight_bytes)
         self._scratch_memory = OutputMemory(max_bytes=weight_bytes // 4, max_blocks=4)
+        # And a prompt's intermediates of 1 MB and more: up to twelve blocks, each at most 1/32
+        # of the weights (15 MB for 124M: every intermediate of a 1024-token prompt fits).
+        self._work_memory = OutputMemory(max_bytes=weight_bytes // 32, max_blocks=12, min_bytes=1 << 20)
 
     # ---- construction -------------------------------------------------------------------
 
@@ -332,23 +335,29 @@ class GPT2:
         its key_mask set for them -> logits (see `forward`)."""
         B, T = ids.shape
         start = cache.length
-        x = self.wte[ids] + self.wpe[positions]                                    # [B, T, C]
         if T == 1 and B <= kernels.FEW_ROWS:
+            x = self.wte[ids] + self.wpe[positions]                                # [B, 1, C]
             # A decoding step: each block below in one Numba call, the same maths.
             for layer, block in enumerate(self.h):
                 kernels.decode_block(x.reshape(B, -1), block, cache.k[layer], cache.v[layer], cache.key_mask,
                                      start, self.attn_scales[layer], self.config.layer_norm_epsilon)
+            x = self._norm(x, self.ln_f)
         else:
+            # Every intermediate of 1 MB or more comes from memory kept between forwards: made
+            # afresh, glibc handed much of it back to the OS between layers, and a 512-token
+            # forward spent up to 85 ms of system time on page faults (2,000-25,000 of them).
+            empty = self._work_memory.empty
+            x = self._embed(ids, positions, empty)                                 # [B, T, C]
             for layer, block in enumerate(self.h):
                 # The last block is needed only at the positions whose logits are kept (its keys
                 # and values still go into the cache for all T).
                 keep = min(logits_to_keep or T, T) if layer == len(self.h) - 1 else T
-                heads = self._attention(layer, block.attn, self._norm(x, block.ln_1), cache, keep)
+                heads = self._attention(layer, block.attn, self._norm(x, block.ln_1, empty), cache, keep, empty)
                 x = x[:, T - keep:]                                                 # [B, keep, C]
                 x += heads
-                x += self._mlp(block.mlp, self._norm(x, block.ln_2))
+                x += self._mlp(block.mlp, self._norm(x, block.ln_2, empty), empty)
+            x = self._norm(x, self.ln_f, empty)
         cache.length = start + T
-        x = self._norm(x, self.ln_f)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self._head(x)                                                        # [B, T, V]
@@ -358,26 +367,37 @@ class GPT2:
         B, T, _ = x.shape
         return kernels.matmul_transposed(x, self.wte, self._logits_memory.empty((B, T, len(self.wte)), self.dtype))
 
-    def _norm(self, x, ln: LayerNorm):
-        return kernels.layer_norm(x, ln.weight, ln.bias, self.config.layer_norm_epsilon)
+    def _embed(self, ids, positions, empty=np.empty):
+        """ids, positions: [B, T] -> x: [B, T, C] = wte[ids] + wpe[positions]."""
+        x = empty(ids.shape + (self.config.n_embd,), self.dtype)
+        position_rows = empty(x.shape, self.dtype)
+        # mode="clip" (the ids and positions are checked already): with "raise" NumPy gathers
+        # into a buffer of its own first.
+        np.take(self.wte, ids, axis=0, out=x, mode="clip")
+        np.take(self.wpe, positions, axis=0, out=position_rows, mode="clip")
+        x += position_rows
+        return x
 
-    def _attention(self, layer: int, attn: Attention, x, cache: KVCache, keep: int):
+    def _norm(self, x, ln: LayerNorm, empty=np.empty):
+        return kernels.layer_norm(x, ln.weight, ln.bias, self.config.layer_norm_epsilon, empty)
+
+    def _attention(self, layer: int, attn: Attention, x, cache: KVCache, keep: int, empty=np.empty):
         """x: [B, T, C] -> [B, keep, C]: causal self-attention of the last `keep` positions, the
         keys/values of all T appended to cache."""
         B, T, C = x.shape
         H, D = self.config.n_head, self.config.head_dim
-        qkv = kernels.linear(x, attn.c_attn.weight, attn.c_attn.bias).reshape(B, T, 3, H, D)
+        qkv = kernels.linear(x, attn.c_attn.weight, attn.c_attn.bias, empty).reshape(B, T, 3, H, D)
         start, end = cache.length, cache.length + T
         cache.k[layer, :, :, start:end] = qkv[:, :, 1].transpose(0, 2, 1, 3)      # [B, H, T, D]
         cache.v[layer, :, :, start:end] = qkv[:, :, 2].transpose(0, 2, 1, 3)
         heads = kernels.causal_attention(qkv[:, T - keep:, 0], cache.k[layer], cache.v[layer], cache.key_mask,
-                                         end - keep, self.attn_scales[layer])     # [B, keep, C]
-        return kernels.linear(heads, attn.c_proj.weight, attn.c_proj.bias)
+                                         end - keep, self.attn_scales[layer], empty)  # [B, keep, C]
+        return kernels.linear(heads, attn.c_proj.weight, attn.c_proj.bias, empty)
 
-    def _mlp(self, mlp: MLP, x):
+    def _mlp(self, mlp: MLP, x, empty=np.empty):
         """x: [B, T, C] -> [B, T, C]: widen to F, tanh-GELU, project back."""
-        h = kernels.linear_gelu(x, mlp.c_fc.weight, mlp.c_fc.bias)                  # [B, T, F]
-        return kernels.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+        h = kernels.linear_gelu(x, mlp.c_fc.weight, mlp.c_fc.bias, empty)           # [B, T, F]
+        return kernels.linear(h, mlp.c_proj.weight, mlp.c_proj.bias, empty)
 
     def trace(self, input_ids, attention_mask=None) -> Trace:
         """The forward pass written with the reference ops, keeping every layer's output.

@@ -3,6 +3,7 @@ slice or view of it, never changes. NumPy's own `np.shares_memory` is the judge 
 and transformers' logits of what was asked are the judge of content."""
 
 import concurrent.futures
+import ctypes
 import gc
 
 import numpy as np
@@ -167,5 +168,63 @@ def test_the_keys_and_values_of_forwards_without_a_cache_are_kept_once(tiny_ref,
     for _ in range(3):
         logits = pooled_model(ids)
     assert pooled_model._scratch_memory.kept_bytes == kept
+    expected = tiny_ref.logits(ids)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32"))
+
+
+# ---- a prompt's intermediates ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_prompt_never_reads_what_it_did_not_write(tiny_ref, dtype, monkeypatch):
+    """Every intermediate a prompt takes from the model's work memory comes uninitialised:
+    filled with NaN here, the logits are still transformers' (a padded batch; a prompt after
+    cached positions; the last block at the kept positions only)."""
+    model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype=dtype)
+    handed_out = []
+
+    def nan_filled(shape, dtype):
+        handed_out.append(shape)
+        return np.full(shape, np.nan, dtype)
+
+    monkeypatch.setattr(model._work_memory, "empty", nan_filled)
+    ids = np.random.default_rng(7).integers(0, tiny_ref.config["vocab_size"], (2, 20))
+    mask = np.ones(ids.shape, dtype=np.int64)
+    mask[1, :6] = 0                                          # row 1 left-padded
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    expected = tiny_ref.logits(ids, dtype=dtype, attention_mask=mask, position_ids=positions)
+    seen = mask.astype(bool)                                 # padded positions' logits are not defined
+    np.testing.assert_allclose(model(ids, attention_mask=mask)[seen], expected[seen], rtol=0,
+                               atol=tolerance(expected, dtype))
+    assert len(handed_out) > 7 * tiny_ref.config["n_layer"]  # embeddings, every block's ops, ln_f
+
+    cache = model.new_cache(2)
+    model(ids[:, :12], attention_mask=mask[:, :12], cache=cache)
+    last = model(ids[:, 12:], attention_mask=mask, cache=cache, logits_to_keep=3)
+    np.testing.assert_allclose(last, expected[:, -3:], rtol=0, atol=tolerance(expected, dtype))
+
+
+def test_a_prompts_intermediates_are_kept_once(tiny_ref, monkeypatch):
+    """After a first prompt, every intermediate of the next ones of the same shape comes from
+    memory kept by then, and nothing more is kept."""
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    monkeypatch.setattr(model._work_memory, "min_bytes", 0)  # the tiny model's are all small
+    kept_results = []
+    take = model._work_memory.empty
+
+    def recorded(shape, dtype):
+        array = take(shape, dtype)
+        kept_results.append(isinstance(array.base, ctypes.Array))
+        return array
+
+    monkeypatch.setattr(model._work_memory, "empty", recorded)
+    ids = np.random.default_rng(8).integers(0, tiny_ref.config["vocab_size"], (2, 16))
+    model(ids)
+    kept = model._work_memory.kept_bytes
+    assert kept > 0
+    kept_results.clear()
+    for _ in range(3):
+        logits = model(ids)
+    assert kept_results and all(kept_results)
+    assert model._work_memory.kept_bytes == kept
     expected = tiny_ref.logits(ids)
     np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32"))
