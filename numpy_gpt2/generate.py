@@ -154,6 +154,8 @@ def _start(model, input_ids, max_new_tokens: int = 50, do_sample: bool = False, 
         raise GPT2Error(f"max_new_tokens must be an integer >= 0, found {max_new_tokens!r}")
     eos = _eos_set(model, eos_token_id)
     pad = pad_token_id if pad_token_id is not None else min(eos, default=0)
+    if not 0 <= pad < model.config.vocab_size:
+        raise GPT2Error(f"pad_token_id {pad} is outside the vocabulary 0..{model.config.vocab_size - 1}")
     ids, mask = _as_batch(input_ids, attention_mask, pad)
     ids = model._check_ids(ids)
     B, T = ids.shape

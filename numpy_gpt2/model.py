@@ -98,7 +98,7 @@ def _blocks_in_one_array(config: GPT2Config, tensors, dtype) -> dict:
     - In one allocation, nearly all of it is backed by huge pages (NumPy asks the OS for them
       for large arrays, and a mapping gets them only on whole aligned 2 MB pieces). Allocated
       one by one, 40% of the matrices' bytes sat on ordinary 4 KB pages (all of each 2.4 MB
-      c_proj, the ends of the others), and a decoding step took 1.1-1.6 ms longer (10%).
+      c_proj, the ends of the others), and a decoding step took 0.8-1.6 ms longer (about 10%).
     The file pages each tensor was read from are handed back (`weights.release_pages`), so the
     resident size stays about that of the file.
     """

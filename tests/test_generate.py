@@ -154,6 +154,8 @@ def test_stream_text_decodes_to_generated_text(tiny):
     (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
     (dict(max_new_tokens=36), r"prompt of 5 tokens \+ max_new_tokens=36 exceeds .* n_positions=40"),
     (dict(eos_token_id=5000), "eos_token_id 5000 is outside the vocabulary"),
+    (dict(pad_token_id=1000), "pad_token_id 1000 is outside the vocabulary 0..999"),
+    (dict(pad_token_id=-1), "pad_token_id -1 is outside the vocabulary"),
     (dict(stop_strings=[""]), "empty stop string"),
 ])
 def test_bad_generation_arguments(tiny, kwargs, match):
