@@ -1,8 +1,9 @@
 """Numba twins of the hot ops in `ops.py`: same signatures, same results within rounding.
 
 Each public function here has the signature of its namesake in `ops.py` (or, when it fuses two
-ops, of their composition); a jitted loop does the work over a 2-D view. The tests feed both
-versions the same input and compare them with torch.
+ops, of their composition), some with an optional `empty` that makes their arrays (see
+`layer_norm`); a jitted loop does the work over a 2-D view. The tests feed both versions the
+same input and compare them with torch.
 
 Matrix products: for many rows (a prompt) they go to NumPy's BLAS, cut into one band of
 output columns per thread (`threads.run_in_parts`, the BLAS single-threaded in each), and the
