@@ -335,19 +335,18 @@ class GPT2:
         its key_mask set for them -> logits (see `forward`)."""
         B, T = ids.shape
         start = cache.length
-        if T == 1 and B <= kernels.FEW_ROWS:
-            x = self.wte[ids] + self.wpe[positions]                                # [B, 1, C]
+        decoding = T == 1 and B <= kernels.FEW_ROWS
+        # A prompt's intermediates of 1 MB or more come from memory kept between forwards: made
+        # afresh, glibc handed much of it back to the OS between layers, and a 512-token forward
+        # spent up to 85 ms of system time on page faults (2,000-25,000 of them).
+        empty = np.empty if decoding else self._work_memory.empty
+        x = self._embed(ids, positions, empty)                                     # [B, T, C]
+        if decoding:
             # A decoding step: each block below in one Numba call, the same maths.
             for layer, block in enumerate(self.h):
                 kernels.decode_block(x.reshape(B, -1), block, cache.k[layer], cache.v[layer], cache.key_mask,
                                      start, self.attn_scales[layer], self.config.layer_norm_epsilon)
-            x = self._norm(x, self.ln_f)
         else:
-            # Every intermediate of 1 MB or more comes from memory kept between forwards: made
-            # afresh, glibc handed much of it back to the OS between layers, and a 512-token
-            # forward spent up to 85 ms of system time on page faults (2,000-25,000 of them).
-            empty = self._work_memory.empty
-            x = self._embed(ids, positions, empty)                                 # [B, T, C]
             for layer, block in enumerate(self.h):
                 # The last block is needed only at the positions whose logits are kept (its keys
                 # and values still go into the cache for all T).
@@ -356,7 +355,7 @@ class GPT2:
                 x = x[:, T - keep:]                                                 # [B, keep, C]
                 x += heads
                 x += self._mlp(block.mlp, self._norm(x, block.ln_2, empty), empty)
-            x = self._norm(x, self.ln_f, empty)
+        x = self._norm(x, self.ln_f, empty)
         cache.length = start + T
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
