@@ -6,8 +6,10 @@ ops, of their composition), some with an optional `empty` that makes their array
 same input and compare them with torch.
 
 Matrix products: for many rows (a prompt) they go to NumPy's BLAS, cut into one band of
-output columns per thread (`threads.run_in_parts`, the BLAS single-threaded in each), and the
-prompt's attention into groups of heads the same way. For a few rows (decoding: one row per
+output columns per thread, each band one ?gemm call made from Numba's threads (`_gemm`, the BLAS
+single-threaded meanwhile); the prompt's attention is cut into groups of heads the same way, and
+its layernorms into groups of rows. Where the BLAS's ?gemm cannot be found, np.matmul in
+`threads.run_in_parts` does the products and the attention instead. For a few rows (decoding: one row per
 sequence) every weight is read once per token and the product is a stream through memory.
 The model stores each weight as [out, in] rows (`model._blocks_in_one_array`), so a Numba loop
 gives each thread one contiguous run of rows to dot with x: 32-65 GB/s here depending on what
@@ -17,9 +19,10 @@ over the file's [in, out] layout.
 A decoding step of up to FEW_ROWS rows runs each block as one call (`decode_block`), the same
 loops with no Python between them.
 
-Threads: a decoding step with few rows runs entirely in Numba's thread pool, so the attention
-over the cache is parallel over heads there. Everywhere else the Numba loops run on the
-calling thread, or on the thread of their part. Two pools taking turns fight for the cores,
+Threads: a decoding step with few rows and a prompt's products, attention and layernorms all
+run in Numba's thread pool. With the BLAS called from Python's threads instead, a band started
+0.1-0.2 ms after the call (the GIL and a sleeping thread to wake), and Numba's workers, spinning
+after their last loop, then took the core from the Python thread's band. Two pools taking turns fight for the cores,
 because each one's idle workers spin for a while after their last task: Numba's pool right
 after a multi-threaded BLAS product made decoding twenty times slower, and the parallel
 attention between the BLAS parts of a batch-16 step made it 1.4x slower (150 against 210
@@ -34,8 +37,11 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
-from .threads import blas_function, run_in_parts
+from .threads import blas_function, blas_single_threaded_parts, run_in_parts
 
 # error_model="numpy": a float division by zero gives inf as in NumPy instead of raising, which
 # removes a branch from every division and lets loops vectorise (10x on the GELU here).
@@ -86,8 +92,21 @@ def layer_norm(x, gamma, beta, eps, empty=np.empty):
     """
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
     out = empty(rows.shape, rows.dtype)
-    _layer_norm_rows(rows, gamma, beta, float(eps), out)
+    if len(rows) > _THIN_ROWS:
+        _layer_norm_rows_in_pool(rows, gamma, beta, float(eps), out, numba.get_num_threads())
+    else:
+        _layer_norm_rows(rows, gamma, beta, float(eps), out)
     return out.reshape(x.shape)
+
+
+@numba.njit(**dict(_JIT, parallel=True))
+def _layer_norm_rows_in_pool(x, gamma, beta, eps, out, parts):
+    """`_layer_norm_rows` with the rows cut into `parts` parts in Numba's threads: a prompt's
+    layernorms otherwise run on one thread while the other core waits."""
+    per_part = (x.shape[0] + parts - 1) // parts
+    for part in numba.prange(parts):
+        _layer_norm_rows(x[part * per_part:(part + 1) * per_part], gamma, beta, eps,
+                         out[part * per_part:(part + 1) * per_part])
 
 
 @numba.njit(inline="always", **_JIT)
@@ -246,44 +265,154 @@ def _gemm_add_function(dtype):
 _GEMM_ADD = {dtype: _gemm_add_function(dtype) for dtype in (np.float32, np.float64)}
 
 
-def _product(rows, rows_of_out, out, bias=None, finish=None):
-    """out: [M, N] = rows: [M, K] @ rows_of_out.T (+ bias: [N]), rows_of_out: [N, K].
+def _gemm_address(dtype):
+    """The address of the BLAS's cblas_?gemm64_ for `dtype`, for `_gemm` to call from Numba's
+    threads; None where `_gemm_add_function` finds none."""
+    if _GEMM_ADD[dtype] is None:
+        return None
+    name = {np.float32: "cblas_sgemm64_", np.float64: "cblas_dgemm64_"}[dtype]
+    return ctypes.cast(blas_function("scipy_" + name, name), ctypes.c_void_p).value
 
-    finish(n0, n1), when given, is called once each band n0:n1 of output columns of `out` is
-    done, in the thread that made the band. The path depends on M:
+
+_GEMM_ADDRESS = {dtype: _gemm_address(dtype) for dtype in (np.float32, np.float64)}
+
+
+@intrinsic
+def _gemm(typingctx, address, trans_b, M, N, K, a, lda, b, ldb, beta, c, ldc):
+    """c = a @ op(b) + beta * c, row-major, through the ?gemm at `address` (cblas_?gemm64_):
+    a [M, K] at address a, row stride lda; op(b) [K, N]: b as [N, K] rows (trans_b true) or as
+    [K, N] (false), row stride ldb; c [M, N] at address c, row stride ldc; strides in elements,
+    the precision that of beta (float32: sgemm, float64: dgemm).
+
+    A direct call with no Python around it, so Numba's threads can share a product: the
+    address is an argument, so the functions that call it can be cached.
+    """
+    sig = types.void(address, trans_b, M, N, K, a, lda, b, ldb, beta, c, ldc)
+
+    def codegen(context, builder, signature, args):
+        address, trans_b, M, N, K, a, lda, b, ldb, beta, c, ldc = args
+        real, i32, i64 = context.get_value_type(signature.args[9]), ir.IntType(32), ir.IntType(64)
+        pointer = ir.IntType(8).as_pointer()
+        gemm_type = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i64, i64, i64, real, pointer, i64,
+                                                    pointer, i64, real, pointer, i64])
+        gemm = builder.inttoptr(address, gemm_type.as_pointer())
+        row_major, no_trans, trans = (ir.Constant(i32, n) for n in (101, 111, 112))
+        as_int = lambda value: builder.sext(value, i64) if value.type.width < 64 else value
+        builder.call(gemm, [row_major, no_trans, builder.select(trans_b, trans, no_trans), as_int(M), as_int(N),
+                            as_int(K), ir.Constant(real, 1.0), builder.inttoptr(a, pointer), as_int(lda),
+                            builder.inttoptr(b, pointer), as_int(ldb), beta, builder.inttoptr(c, pointer), as_int(ldc)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# What `_bands_in_pool` does with each band of output columns.
+_PLAIN, _PLUS_BIAS, _THEN_GELU = 0, 1, 2
+
+
+@numba.njit(**dict(_JIT, parallel=True))
+def _bands_in_pool(address, rows, rows_of_out, out, bias, product, mode, parts, float32):
+    """out: [M, N] from rows: [M, K] @ rows_of_out.T (rows_of_out: [N, K]), one band of output
+    columns per part, each part one ?gemm call in one of Numba's threads:
+    - _PLAIN: out = the product;
+    - _PLUS_BIAS: out = bias + the product, the bias put in the band first for the BLAS to add
+      the product to (beta = 1);
+    - _THEN_GELU: product = the product, then out = gelu(product + bias), band by band.
+    All arrays C-contiguous; `float32` says which GELU loop (see `_bias_gelu`).
+    """
+    M, K = rows.shape
+    N = rows_of_out.shape[0]
+    per_part = (N + parts - 1) // parts
+    item = out.itemsize
+    target = product if mode == _THEN_GELU else out
+    for part in numba.prange(parts):
+        n0, n1 = part * per_part, min(N, (part + 1) * per_part)
+        if n0 >= n1:
+            continue
+        beta = out.dtype.type(0)
+        if mode == _PLUS_BIAS:
+            for m in range(M):
+                out[m, n0:n1] = bias[n0:n1]
+            beta = out.dtype.type(1)
+        _gemm(address, True, M, n1 - n0, K, rows.ctypes.data, K, rows_of_out.ctypes.data + n0 * K * item, K,
+              beta, target.ctypes.data + n0 * item, N)
+        if mode == _THEN_GELU:
+            if float32:
+                _bias_gelu_rows_float32(product, bias, out, n0, n1)
+            else:
+                _bias_gelu_rows(product, bias, out, n0, n1)
+
+
+@numba.njit(**dict(_JIT, parallel=True))
+def _weight_bands_in_pool(address, rows, rows_of_out, out_t, parts):
+    """out_t: [N, M] = rows_of_out: [N, K] @ rows.T (rows: [M, K]), a band of the weight's rows
+    per part (the weight on the left, see `_product`)."""
+    M, K = rows.shape
+    N = rows_of_out.shape[0]
+    per_part = (N + parts - 1) // parts
+    item = out_t.itemsize
+    for part in numba.prange(parts):
+        n0, n1 = part * per_part, min(N, (part + 1) * per_part)
+        if n0 < n1:
+            _gemm(address, True, n1 - n0, M, K, rows_of_out.ctypes.data + n0 * K * item, K, rows.ctypes.data, K,
+                  out_t.dtype.type(0), out_t.ctypes.data + n0 * M * item, M)
+
+
+def _product(rows, rows_of_out, out, bias=None, gelu_out=None):
+    """out: [M, N] = rows: [M, K] @ rows_of_out.T (+ bias: [N]), rows_of_out: [N, K]; with
+    gelu_out: [M, N] also gelu_out = gelu(out + bias), out then holding the product alone.
+
+    The path depends on M:
     - up to FEW_ROWS rows (decoding) `_few_rows_times`: every weight is read once per token,
       and this is a stream through memory;
     - up to _THIN_ROWS rows, BLAS with the weight on the left, a band of its rows per thread:
       with it on the right BLAS repacks the whole transposed operand on every call, and
       streaming it once is 1.3-1.5x faster at 8-64 rows;
-    - beyond, BLAS with a band of output columns per thread (`run_in_parts`), the bias put in
-      the band first for the BLAS to add the product to (`_gemm_add_function`).
+    - beyond, BLAS with a band of output columns per thread, the bias put in the band first
+      for the BLAS to add the product to, the GELU done band by band in the same thread.
+    The BLAS calls run in Numba's threads (`_bands_in_pool`): started from Python's (see
+    `threads.run_in_parts`, the fallback where the BLAS's ?gemm is not found) each band began
+    0.1-0.2 ms after the call, and the block's products of a 512-token prompt took 10-18% longer.
     """
     M, N = len(rows), rows_of_out.shape[0]
-    finish = finish or (lambda n0, n1: None)
-    gemm_add = _GEMM_ADD.get(out.dtype.type) if bias is not None else None
-    if M <= _THIN_ROWS:
-        if M <= FEW_ROWS:
-            _few_rows_times(rows, rows_of_out, out)
-        else:
-            out_t = np.empty((N, M), dtype=out.dtype)
-            run_in_parts(N, lambda n0, n1: np.matmul(rows_of_out[n0:n1], rows.T, out=out_t[n0:n1]))
-            out[...] = out_t.T
-        if bias is not None:
+    dtype = out.dtype.type
+    address = _GEMM_ADDRESS.get(dtype)
+    if M <= FEW_ROWS:
+        _few_rows_times(rows, rows_of_out, out)
+        if bias is not None and gelu_out is None:
             out += bias
-        finish(0, N)
-    else:
-        def band(n0, n1):
-            if gemm_add is not None:
-                out[:, n0:n1] = bias[n0:n1]
-                gemm_add(rows, rows_of_out[n0:n1], out[:, n0:n1])
+    elif address is not None and _GEMM_ADD.get(dtype) is not None:
+        with blas_single_threaded_parts() as parts:
+            if M <= _THIN_ROWS:
+                out_t = np.empty((N, M), dtype=out.dtype)
+                _weight_bands_in_pool(address, rows, rows_of_out, out_t, parts)
+                out[...] = out_t.T
+                if bias is not None and gelu_out is None:
+                    out += bias
             else:
-                np.matmul(rows, rows_of_out[n0:n1].T, out=out[:, n0:n1])
-                if bias is not None:
-                    out[:, n0:n1] += bias[n0:n1]
-            finish(n0, n1)
+                mode = _THEN_GELU if gelu_out is not None else _PLAIN if bias is None else _PLUS_BIAS
+                no_bias = np.zeros(0, dtype=out.dtype)
+                _bands_in_pool(address, rows, rows_of_out, out if gelu_out is None else gelu_out,
+                               no_bias if bias is None else bias, out, mode, parts, dtype == np.float32)
+                return
+    else:
+        _product_in_python_threads(rows, rows_of_out, out, None if gelu_out is not None else bias)
+    if gelu_out is not None:
+        _bias_gelu(out, bias, gelu_out, 0, N)
 
-        run_in_parts(N, band)
+
+def _product_in_python_threads(rows, rows_of_out, out, bias):
+    """`_product` for more than FEW_ROWS rows through np.matmul in `run_in_parts`, where
+    NumPy's BLAS does not export ?gemm under a name we know."""
+    M, N = len(rows), rows_of_out.shape[0]
+    if M <= _THIN_ROWS:
+        out_t = np.empty((N, M), dtype=out.dtype)
+        run_in_parts(N, lambda n0, n1: np.matmul(rows_of_out[n0:n1], rows.T, out=out_t[n0:n1]))
+        out[...] = out_t.T
+    else:
+        run_in_parts(N, lambda n0, n1: np.matmul(rows, rows_of_out[n0:n1].T, out=out[:, n0:n1]))
+    if bias is not None:
+        out += bias
 
 
 def linear(x, weight, bias, empty=np.empty):
@@ -302,8 +431,7 @@ def linear_gelu(x, weight, bias, empty=np.empty):
     rows = _rows(x)
     product = empty((len(rows), weight.shape[1]), weight.dtype)
     out = empty(product.shape, product.dtype)
-    _product(rows, stored_rows(weight), product,
-             finish=lambda n0, n1: _bias_gelu(product, bias, out, n0, n1))
+    _product(rows, stored_rows(weight), product, bias, gelu_out=out)
     return out.reshape(x.shape[:-1] + (weight.shape[1],))
 
 
@@ -491,8 +619,124 @@ def causal_attention(q, k, v, key_mask, start, scale, empty=np.empty):
         attend(np.ascontiguousarray(q), k, v, key_mask, start, q.dtype.type(scale), out)
         return out.reshape(B, T, H * D)
     out = empty((B, T, H, D), q.dtype)
-    run_in_parts(H, lambda h0, h1: _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out, empty))
+    address = _GEMM_ADDRESS.get(q.dtype.type)
+    if address is not None and q.strides[3] == k.strides[3] == v.strides[3] == q.itemsize and k.strides == v.strides:
+        block = min(T, _QUERY_BLOCK)
+        with blas_single_threaded_parts() as parts:
+            scores = empty((parts, block * (start + T)), q.dtype)
+            _prompt_attention_in_pool(address, q, k, v, key_mask, start, q.dtype.type(scale), out, scores,
+                                      not key_mask[:, :start + T].all(), q.dtype == np.float32)
+    else:
+        run_in_parts(H, lambda h0, h1: _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out, empty))
     return out.reshape(B, T, H * D)
+
+
+@numba.njit(**dict(_JIT, parallel=True))
+def _prompt_attention_in_pool(address, q, k, v, key_mask, start, scale, out, scores, padded, float32):
+    """`causal_attention` for T > 1 positions, into out: [B, T, H, D] C-contiguous: the
+    (row, head) pairs cut into len(scores) parts run in Numba's threads, each with its own
+    scores: [parts, _QUERY_BLOCK * (start + T)].
+
+    For each pair, the queries in blocks, each against only the keys it can see (a causal
+    prompt needs about half of the full T x S products): the block's scores by one ?gemm call,
+    their softmax row by row while they sit in cache, the heads by a second call written
+    straight into out.
+    """
+    B, T, H, D = q.shape
+    parts = scores.shape[0]
+    item = q.itemsize
+    pairs = B * H
+    per_part = (pairs + parts - 1) // parts
+    zero = q.dtype.type(0)
+    for part in numba.prange(parts):
+        exponents = np.empty(start + T, dtype=np.int32)
+        for pair in range(part * per_part, min(pairs, (part + 1) * per_part)):
+            b, h = pair // H, pair % H
+            q_at = q.ctypes.data + b * q.strides[0] + h * q.strides[2]
+            k_at = k.ctypes.data + b * k.strides[0] + h * k.strides[1]
+            v_at = v.ctypes.data + b * v.strides[0] + h * v.strides[1]
+            for t0 in range(0, T, _QUERY_BLOCK):
+                t1 = min(T, t0 + _QUERY_BLOCK)
+                visible = start + t1
+                block = scores[part, :(t1 - t0) * visible].reshape((t1 - t0, visible))
+                _gemm(address, True, t1 - t0, visible, D, q_at + t0 * q.strides[1], q.strides[1] // item,  # q.k
+                      k_at, k.strides[2] // item, zero, block.ctypes.data, visible)
+                for t in range(t1 - t0):
+                    _softmax_visible_(block[t], min(start + t0 + t + 1, visible), key_mask[b], padded, scale,
+                                      float32, exponents)
+                _gemm(address, False, t1 - t0, D, visible, block.ctypes.data, visible,               # weights @ v
+                      v_at, v.strides[2] // item, zero, out[b, t0:, h].ctypes.data, H * D)
+
+
+@numba.njit(**_JIT)
+def _softmax_visible_(row, last, key_mask, padded, scale, float32, exponents):
+    """row: [S] of q.k, in place -> softmax(scale * q.k) over the keys s < last whose key_mask is
+    set (all of them unless padded), 0 elsewhere; a row that sees no key is all 0."""
+    S = row.shape[0]
+    row_max = -np.inf
+    for s in range(last):
+        if not padded or key_mask[s]:
+            row_max = max(row_max, row[s])
+    if row_max == -np.inf:
+        last = 0
+    shift = row_max * scale
+    if float32:
+        _exp_float32_(row, last, scale, shift, exponents)
+    else:
+        for s in range(last):
+            row[s] = math.exp(row[s] * scale - shift)
+    if padded:
+        for s in range(last):
+            if not key_mask[s]:
+                row[s] = 0
+    inv_total = 1 / _sum(row[:last]) if last else row.dtype.type(0)
+    for s in range(last):
+        row[s] *= inv_total
+    for s in range(last, S):
+        row[s] = 0
+
+
+@numba.njit(**dict(_JIT, fastmath={"reassoc"}))
+def _sum(x):
+    """The sum of x: [N], in any order (so that it vectorises)."""
+    total = x.dtype.type(0)
+    for i in range(x.shape[0]):
+        total += x[i]
+    return total
+
+
+@numba.njit(**_JIT)
+def _exp_float32_(row, n, scale, shift, exponents):
+    """row[:n] <- exp(row[:n] * scale - shift) in float32, for arguments up to about 0 (a
+    softmax's, centred on the row's maximum); 0 below -87, past float32's smallest normal.
+
+    Cephes' expf (relative error under 2e-7): exp(t) = 2^k exp(r), k = round(t / ln 2), r = t -
+    k ln 2 in two parts, exp(r) a polynomial; 2^k put in the result's exponent bits in a second
+    loop. Unlike math.exp it has no call in the loop, so both loops vectorise. No fastmath:
+    reassociation would merge the two parts of k ln 2.
+    """
+    log2e = np.float32(1.44269504088896341)
+    ln2_hi, ln2_lo = np.float32(0.693359375), np.float32(-2.12194440e-4)
+    floor = np.float32(-87.0)
+    for s in range(n):
+        t = row[s] * scale - shift
+        kept = t >= floor
+        t = max(t, floor)
+        k = np.floor(t * log2e + np.float32(0.5))
+        r = t - k * ln2_hi
+        r = r - k * ln2_lo
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        p = p * r * r + r + np.float32(1)
+        row[s] = p if kept else np.float32(0)
+        exponents[s] = (np.int32(k) << 23) if kept else np.int32(0)
+    bits = row[:n].view(np.int32)
+    for s in range(n):
+        bits[s] += exponents[s]
 
 
 def _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out, empty=np.empty):

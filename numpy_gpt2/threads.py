@@ -2,13 +2,16 @@
 
 Two kinds of parallel work, each on as many threads as the BLAS has by default (one per core,
 unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS say otherwise; Numba follows NUMBA_NUM_THREADS):
-- a prompt's products and attention (`run_in_parts`): the work is cut into one part per
-  thread (bands of a product's output columns, groups of heads) and the parts run at once,
-  the caller's thread taking the first and a small pool the others, while the BLAS runs one
-  thread per part. The BLAS's own workers are kept out of it on purpose: after each product
-  they spin for about 0.1 s waiting for more, and between products the Numba loops (softmax,
-  GELU) then share a core with a spinning thread; measured here, that made the same 512-token
-  prompt take 550 or 690 ms depending on where the scheduler put them.
+- a prompt's products and attention: the work is cut into one part per thread (bands of a
+  product's output columns, groups of heads) and the parts run at once in Numba's pool, each
+  calling the BLAS single-threaded (`blas_single_threaded_parts`; see `kernels._gemm`). Where
+  the BLAS's ?gemm cannot be called so, `run_in_parts` runs the parts, the caller's thread
+  taking the first and a small pool of Python threads the others. The BLAS's own workers
+  are kept out of it on purpose: after each product they spin for about 0.1 s waiting for
+  more, and between products the Numba loops (softmax, GELU) then share a core with a
+  spinning thread; measured here, that made the same 512-token prompt take 550 or 690 ms
+  depending on where the scheduler put them. One pool, Numba's, for all of a forward's
+  parallel work avoids the same fight between Numba's spinning workers and Python's.
 - a decoding step's products of a few rows and its attention run in Numba's thread pool (see
   `kernels.py`).
 `set_threads(n)` sets the number for both, and for the BLAS outside these (it is found among
@@ -198,6 +201,19 @@ def run_in_parts(n_items: int, work) -> None:
         finally:
             for future in others:
                 future.result()
+
+
+@contextlib.contextmanager
+def blas_single_threaded_parts():
+    """Within: the BLAS at one thread, for work cut into parts that call it from Numba's pool.
+    Yields the number of parts: one per thread, as `run_in_parts` cuts, at most Numba's pool
+    size; 1 where the BLAS cannot be found or set."""
+    setter, getter = _blas_library()
+    if setter is None or getter is None:
+        yield 1
+        return
+    with _blas_single_threaded(setter, getter):
+        yield max(1, min(_part_count(getter), numba.get_num_threads()))
 
 
 def _part_count(getter) -> int:

@@ -210,3 +210,66 @@ def test_causal_attention_ignores_unfilled_cache_positions(impl, T, start):
     out = impl.causal_attention(q, k, v, np.ones((B, capacity), bool), start, 1 / math.sqrt(D))
     expected = ref.numpy()[:, :, start:].transpose(0, 2, 1, 3).reshape(B, T, H * D)
     np.testing.assert_allclose(out, expected, **TOL[np.float32])
+
+
+# ---- the BLAS called from Numba's threads (kernels._gemm) ------------------------------------
+
+needs_gemm = pytest.mark.skipif(kernels._GEMM_ADDRESS[np.float32] is None,
+                                reason="NumPy's BLAS does not export cblas_?gemm64_ (not scipy-openblas64)")
+
+
+@needs_gemm
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+@pytest.mark.parametrize("mode", ["plain", "plus bias", "then gelu"])
+def test_bands_in_pool_match_torch_for_any_number_of_parts(dtype, parts, mode):
+    """Every band of output columns, however the columns are cut (7 parts of 173 leave a short
+    last one), is the product torch computes, with its bias or its GELU."""
+    x, rows_of_out, bias = _random((70, 61), dtype), _random((173, 61), dtype, 1), _random(173, dtype, 2)
+    out, product = np.full((70, 173), np.nan, dtype), np.full((70, 173), np.nan, dtype)
+    code = {"plain": kernels._PLAIN, "plus bias": kernels._PLUS_BIAS, "then gelu": kernels._THEN_GELU}[mode]
+    kernels._bands_in_pool(kernels._GEMM_ADDRESS[dtype], x, rows_of_out, out, bias, product, code, parts,
+                           dtype == np.float32)
+    ref = torch.from_numpy(x) @ torch.from_numpy(rows_of_out).T
+    if mode == "then gelu":
+        np.testing.assert_allclose(product, ref.numpy(), **PRODUCT_TOL[dtype])
+        ref = F.gelu(ref + torch.from_numpy(bias), approximate="tanh")
+    elif mode == "plus bias":
+        ref = ref + torch.from_numpy(bias)
+    np.testing.assert_allclose(out, ref.numpy(), **PRODUCT_TOL[dtype])
+
+
+@pytest.mark.parametrize("path", ["Numba's threads", "Python's threads"])
+def test_prompt_attention_both_paths_match_sdpa(dtype, path, monkeypatch):
+    """A padded prompt of 150 positions after 21 cached ones (two query blocks, padding in both
+    rows) through the pool's ?gemm calls and through the fallback's np.matmul in run_in_parts."""
+    if path == "Numba's threads" and kernels._GEMM_ADDRESS[dtype] is None:
+        pytest.skip("NumPy's BLAS does not export cblas_?gemm64_ (not scipy-openblas64)")
+    if path == "Python's threads":
+        monkeypatch.setitem(kernels._GEMM_ADDRESS, dtype, None)
+    B, H, T, start, D = 2, 3, 150, 21, 16
+    S = start + T
+    q_all, k, v = (_random((B, H, S, D), dtype, seed, scale=2.0) for seed in (7, 8, 9))
+    key_mask = np.ones((B, S), bool)
+    key_mask[0, :5] = False
+    key_mask[1, 30:40] = False
+    allowed = np.tril(np.ones((S, S), bool))[None, None] & key_mask[:, None, None, :]
+    # torch in float64 on the same inputs; values of scale 2 weighted over up to 171 keys leave a
+    # few float32 ulps of the output's scale, as a product does (PRODUCT_TOL).
+    ref = F.scaled_dot_product_attention(*(torch.from_numpy(a.astype(np.float64)) for a in (q_all, k, v)),
+                                         attn_mask=torch.from_numpy(allowed), scale=0.2).numpy()
+    out = kernels.causal_attention(q_all[:, :, start:].transpose(0, 2, 1, 3), k, v, key_mask, start, 0.2)
+    expected = ref[:, :, start:].transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    np.testing.assert_allclose(out, expected, **PRODUCT_TOL[dtype])
+
+
+def test_float32_exp_matches_torch_in_float64():
+    """The softmax's exp (Cephes' expf) over the arguments a centred softmax gives it, [-87, 0],
+    within 2 float32 ulps of the exact value; 0 below -87; scale and shift applied first."""
+    t = np.concatenate([np.linspace(-87, 0, 200_001), [-1e-7, -0.5, -86.99]]).astype(np.float32)
+    row, exponents = (t * np.float32(2)).astype(np.float32), np.empty(len(t), np.int32)
+    kernels._exp_float32_(row, len(row), np.float32(0.5), np.float32(0), exponents)
+    exact = torch.exp(torch.from_numpy(t.astype(np.float64))).numpy()
+    assert np.all(np.abs(row - exact) <= 2 * np.spacing(exact.astype(np.float32)))
+    below = np.array([-87.5, -100, -np.inf], np.float32)
+    kernels._exp_float32_(below, 3, np.float32(1), np.float32(0), np.empty(3, np.int32))
+    assert np.all(below == 0)
