@@ -273,3 +273,20 @@ def test_float32_exp_matches_torch_in_float64():
     below = np.array([-87.5, -100, -np.inf], np.float32)
     kernels._exp_float32_(below, 3, np.float32(1), np.float32(0), np.empty(3, np.int32))
     assert np.all(below == 0)
+
+
+def test_float32_masked_maximum_is_numpys():
+    """The softmax's maximum over integers that order as the floats do: NumPy's maximum of
+    the kept entries, for all-negative, mixed and signed-zero rows, -inf when none is kept."""
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal(300).astype(np.float32) - 10, rng.standard_normal(77).astype(np.float32) * 1e3,
+            np.array([-0.0, -1e-30, -np.inf, -5], np.float32), np.array([-np.inf, -np.inf], np.float32)]
+    scratch = np.empty(1, np.int32)
+    for row in rows:
+        for padded in (False, True):
+            mask = rng.random(len(row)) < 0.5 if padded else np.ones(len(row), bool)
+            for last in (1, len(row) // 2, len(row)):
+                kept = row[:last][mask[:last]]
+                expected = kept.max() if len(kept) else -np.inf
+                assert kernels._max_float32(row, last, mask, padded, scratch) == expected
+    assert kernels._max_float32(rows[0], 3, np.zeros(300, bool), True, scratch) == -np.inf
