@@ -381,7 +381,8 @@ def _product(rows, rows_of_out, out, bias=None, gelu_out=None):
         _few_rows_times(rows, rows_of_out, out)
         if bias is not None and gelu_out is None:
             out += bias
-    elif address is not None and _GEMM_ADD.get(dtype) is not None:
+    elif (address is not None and _GEMM_ADD.get(dtype) is not None and rows.dtype == rows_of_out.dtype == dtype
+          and all(a.flags.c_contiguous for a in (rows, rows_of_out, out))):
         with blas_single_threaded_parts() as parts:
             if M <= _THIN_ROWS:
                 out_t = np.empty((N, M), dtype=out.dtype)
@@ -620,7 +621,7 @@ def causal_attention(q, k, v, key_mask, start, scale, empty=np.empty):
         return out.reshape(B, T, H * D)
     out = empty((B, T, H, D), q.dtype)
     address = _GEMM_ADDRESS.get(q.dtype.type)
-    if address is not None and q.strides[3] == k.strides[3] == v.strides[3] == q.itemsize and k.strides == v.strides:
+    if address is not None and q.dtype == k.dtype == v.dtype and all(map(_blas_rows, (q[:, :, 0], k[:, 0], v[:, 0]))):
         block = min(T, _QUERY_BLOCK)
         with blas_single_threaded_parts() as parts:
             scores = empty((parts, block * (start + T)), q.dtype)
@@ -763,6 +764,13 @@ def _exp_float32_(row, n, scale, shift, exponents):
     bits = row[:n].view(np.int32)
     for s in range(n):
         bits[s] += exponents[s]
+
+
+def _blas_rows(a):
+    """Whether a: [..., rows, n] can be a BLAS operand as it is: unit steps along a row, and a
+    step between rows that is a whole number of elements and at least a row long."""
+    row_step, step = a.strides[-2:]
+    return step == a.itemsize and row_step % a.itemsize == 0 and row_step >= a.shape[-1] * a.itemsize
 
 
 def _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out, empty=np.empty):

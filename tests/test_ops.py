@@ -290,3 +290,15 @@ def test_float32_masked_maximum_is_numpys():
                 expected = kept.max() if len(kept) else -np.inf
                 assert kernels._max_float32(row, last, mask, padded, scratch) == expected
     assert kernels._max_float32(rows[0], 3, np.zeros(300, bool), True, scratch) == -np.inf
+
+
+def test_prompt_attention_with_queries_no_blas_can_take_matches_sdpa(dtype):
+    """Queries that are one row broadcast over the positions (a step of 0 between rows) cannot
+    be handed to ?gemm as they are; they take the other path and still match torch."""
+    B, H, T, D = 1, 2, 70, 8
+    q_row, k, v = _random((B, 1, H, D), dtype, 1), _random((B, H, T, D), dtype, 2), _random((B, H, T, D), dtype, 3)
+    q = np.broadcast_to(q_row, (B, T, H, D))
+    out = kernels.causal_attention(q, k, v, np.ones((B, T), bool), 0, 0.3)
+    ref = F.scaled_dot_product_attention(torch.from_numpy(np.ascontiguousarray(q.transpose(0, 2, 1, 3))),
+                                         torch.from_numpy(k), torch.from_numpy(v), is_causal=True, scale=0.3)
+    np.testing.assert_allclose(out, ref.numpy().transpose(0, 2, 1, 3).reshape(B, T, H * D), **TOL[dtype])
