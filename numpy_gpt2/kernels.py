@@ -811,7 +811,7 @@ def _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out, empty=np.emp
         out[:, t0:t1, h0:h1] = heads.transpose(0, 2, 1, 3)
 
 
-_QUERY_BLOCK = 128
+_QUERY_BLOCK = 64
 
 
 # ---- a whole block for one decoding step --------------------------------------------------

@@ -212,8 +212,9 @@ def blas_single_threaded_parts():
     if setter is None or getter is None:
         yield 1
         return
+    parts = max(1, min(_part_count(getter), numba.get_num_threads()))  # before the BLAS is set to 1
     with _blas_single_threaded(setter, getter):
-        yield max(1, min(_part_count(getter), numba.get_num_threads()))
+        yield parts
 
 
 def _part_count(getter) -> int:

@@ -240,7 +240,7 @@ def test_bands_in_pool_match_torch_for_any_number_of_parts(dtype, parts, mode):
 
 @pytest.mark.parametrize("path", ["Numba's threads", "Python's threads"])
 def test_prompt_attention_both_paths_match_sdpa(dtype, path, monkeypatch):
-    """A padded prompt of 150 positions after 21 cached ones (two query blocks, padding in both
+    """A padded prompt of 150 positions after 21 cached ones (several query blocks, padding in both
     rows) through the pool's ?gemm calls and through the fallback's np.matmul in run_in_parts."""
     if path == "Numba's threads" and kernels._GEMM_ADDRESS[dtype] is None:
         pytest.skip("NumPy's BLAS does not export cblas_?gemm64_ (not scipy-openblas64)")

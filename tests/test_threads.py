@@ -137,6 +137,24 @@ def test_run_in_parts_follows_openblas_num_threads(n):
     assert out.strip() == str([(0, 8)] if n == 1 else [(0, 4), (4, 8)])
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_numbas_pool_parts_follow_openblas_num_threads_when_first_used(n):
+    """A prompt's work in Numba's pool, as the first thing a process does, is cut into one part
+    per thread the BLAS had (not the one thread it is set to meanwhile), and the BLAS gets its
+    count back after."""
+    if threads.get_threads() is None:
+        pytest.skip("NumPy's BLAS is not one numpy_gpt2.threads recognises (OpenBLAS or MKL)")
+    if n > (os.cpu_count() or 1):
+        pytest.skip(f"the BLAS caps its threads at the {os.cpu_count()} cores here")
+    code = ("from numpy_gpt2 import threads\n"
+            "with threads.blas_single_threaded_parts() as parts:\n"
+            "    inside = threads.get_threads()\n"
+            "print(parts, inside, threads.get_threads())\n")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(n), "OMP_NUM_THREADS": str(n), "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(n), "1", str(n)]
+
+
 # ---- the BLAS kernel set (choose_blas_kernels) -------------------------------------------
 # /proc/cpuinfo as Linux prints it for each CPU, cut to the fields that matter (AMD's family
 # numbers: 0x19 = 25 is Zen 3 and Zen 4, 0x1A = 26 is Zen 5; Intel's server cores are family 6).
