@@ -121,19 +121,23 @@ def test_run_in_parts_passes_on_an_error_and_restores_the_blas():
         threads.set_threads(before)
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_run_in_parts_follows_openblas_num_threads(n):
-    """Without set_threads the parts follow the BLAS's own count, as the user's environment set it."""
+def _fresh_process_with_blas_threads(n: int, code: str) -> str:
+    """The output of `code` run in a new Python whose BLAS has n threads by its environment."""
     if threads.get_threads() is None:
         pytest.skip("NumPy's BLAS is not one numpy_gpt2.threads recognises (OpenBLAS or MKL)")
     if n > (os.cpu_count() or 1):
         pytest.skip(f"the BLAS caps its threads at the {os.cpu_count()} cores here")
-    code = ("from numpy_gpt2 import threads\n"
-            "seen = []\n"
-            "threads.run_in_parts(8, lambda a, b: seen.append((a, b)))\n"
-            "print(sorted(seen))\n")
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(n), "OMP_NUM_THREADS": str(n)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(n), "OMP_NUM_THREADS": str(n), "NUMBA_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_run_in_parts_follows_openblas_num_threads(n):
+    """Without set_threads the parts follow the BLAS's own count, as the user's environment set it."""
+    out = _fresh_process_with_blas_threads(n, "from numpy_gpt2 import threads\n"
+                                              "seen = []\n"
+                                              "threads.run_in_parts(8, lambda a, b: seen.append((a, b)))\n"
+                                              "print(sorted(seen))\n")
     assert out.strip() == str([(0, 8)] if n == 1 else [(0, 4), (4, 8)])
 
 
@@ -142,16 +146,10 @@ def test_numbas_pool_parts_follow_openblas_num_threads_when_first_used(n):
     """A prompt's work in Numba's pool, as the first thing a process does, is cut into one part
     per thread the BLAS had (not the one thread it is set to meanwhile), and the BLAS gets its
     count back after."""
-    if threads.get_threads() is None:
-        pytest.skip("NumPy's BLAS is not one numpy_gpt2.threads recognises (OpenBLAS or MKL)")
-    if n > (os.cpu_count() or 1):
-        pytest.skip(f"the BLAS caps its threads at the {os.cpu_count()} cores here")
-    code = ("from numpy_gpt2 import threads\n"
-            "with threads.blas_single_threaded_parts() as parts:\n"
-            "    inside = threads.get_threads()\n"
-            "print(parts, inside, threads.get_threads())\n")
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(n), "OMP_NUM_THREADS": str(n), "NUMBA_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    out = _fresh_process_with_blas_threads(n, "from numpy_gpt2 import threads\n"
+                                              "with threads.blas_single_threaded_parts() as parts:\n"
+                                              "    inside = threads.get_threads()\n"
+                                              "print(parts, inside, threads.get_threads())\n")
     assert out.split() == [str(n), "1", str(n)]
 
 
