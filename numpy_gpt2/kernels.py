@@ -735,7 +735,8 @@ def _sum(x):
 @numba.njit(**_JIT)
 def _exp_float32_(row, n, scale, shift, exponents):
     """row[:n] <- exp(row[:n] * scale - shift) in float32, for arguments up to about 0 (a
-    softmax's, centred on the row's maximum); 0 below -87, past float32's smallest normal.
+    softmax's, centred on the row's maximum); 0 below -87, past float32's smallest normal; NaN
+    for NaN.
 
     Cephes' expf (relative error under 2e-7): exp(t) = 2^k exp(r), k = round(t / ln 2), r = t -
     k ln 2 in two parts, exp(r) a polynomial; 2^k put in the result's exponent bits in a second
@@ -748,9 +749,9 @@ def _exp_float32_(row, n, scale, shift, exponents):
     for s in range(n):
         t = row[s] * scale - shift
         kept = t >= floor
-        t = max(t, floor)
-        k = np.floor(t * log2e + np.float32(0.5))
-        r = t - k * ln2_hi
+        u = t if kept else floor  # below the floor, and NaN, need no polynomial
+        k = np.floor(u * log2e + np.float32(0.5))
+        r = u - k * ln2_hi
         r = r - k * ln2_lo
         p = np.float32(1.9875691500e-4)
         p = p * r + np.float32(1.3981999507e-3)
@@ -759,7 +760,7 @@ def _exp_float32_(row, n, scale, shift, exponents):
         p = p * r + np.float32(1.6666665459e-1)
         p = p * r + np.float32(5.0000001201e-1)
         p = p * r * r + r + np.float32(1)
-        row[s] = p if kept else np.float32(0)
+        row[s] = p if kept else (t if t != t else np.float32(0))  # a NaN stays NaN
         exponents[s] = (np.int32(k) << np.int32(23)) if kept else np.int32(0)
     bits = row[:n].view(np.int32)
     for s in range(n):

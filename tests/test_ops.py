@@ -270,9 +270,23 @@ def test_float32_exp_matches_torch_in_float64():
     kernels._exp_float32_(row, len(row), np.float32(0.5), np.float32(0), exponents)
     exact = torch.exp(torch.from_numpy(t.astype(np.float64))).numpy()
     assert np.all(np.abs(row - exact) <= 2 * np.spacing(exact.astype(np.float32)))
-    below = np.array([-87.5, -100, -np.inf], np.float32)
-    kernels._exp_float32_(below, 3, np.float32(1), np.float32(0), np.empty(3, np.int32))
-    assert np.all(below == 0)
+    below = np.array([-87.5, -100, -np.inf, np.nan, np.copysign(np.nan, -1)], np.float32)
+    kernels._exp_float32_(below, 5, np.float32(1), np.float32(0), np.empty(5, np.int32))
+    assert np.all(below[:3] == 0) and np.all(np.isnan(below[3:]))
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["NaN", "negative NaN"])
+def test_prompt_attention_spreads_a_nan_as_torch_does(dtype, sign):
+    """A NaN key (of either sign bit, which the integer maximum orders differently) makes every
+    query that sees it NaN, as in torch, and leaves the queries before it alone."""
+    B, H, T, D = 1, 2, 70, 8
+    q, k, v = (_random((B, H, T, D), dtype, seed) for seed in (1, 2, 3))
+    k[0, 1, 40, 3] = np.copysign(np.nan, sign)
+    out = kernels.causal_attention(q.transpose(0, 2, 1, 3), k, v, np.ones((B, T), bool), 0, 0.3)
+    ref = F.scaled_dot_product_attention(*map(torch.from_numpy, (q, k, v)), is_causal=True, scale=0.3).numpy()
+    expected = ref.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    assert np.isnan(out[0, 40:, D:]).all() and not np.isnan(out[0, :40]).any()
 
 
 def test_float32_masked_maximum_is_numpys():
