@@ -6,27 +6,28 @@ ops, of their composition), some with an optional `empty` that makes their array
 same input and compare them with torch.
 
 Matrix products: for many rows (a prompt) they go to NumPy's BLAS, cut into one band of
-output columns per thread, each band one ?gemm call made from Numba's threads (`_gemm`, the BLAS
-single-threaded meanwhile); the prompt's attention is cut into groups of heads the same way, and
-its layernorms into groups of rows. Where the BLAS's ?gemm cannot be found, np.matmul in
-`threads.run_in_parts` does the products and the attention instead. For a few rows (decoding: one row per
-sequence) every weight is read once per token and the product is a stream through memory.
-The model stores each weight as [out, in] rows (`model._blocks_in_one_array`), so a Numba loop
-gives each thread one contiguous run of rows to dot with x: 32-65 GB/s here depending on what
-else shares the memory bus, against 24-30 GB/s for BLAS and 30-40 GB/s for the same loop
-over the file's [in, out] layout.
+output columns per thread, each band one ?gemm call made from Numba's threads (`_gemm`, the
+BLAS single-threaded meanwhile); the prompt's attention is cut into groups of heads the same
+way, and its layernorms into groups of rows. Where the BLAS's ?gemm cannot be found, np.matmul
+in `threads.run_in_parts` does the products and the attention instead. For a few rows
+(decoding: one row per sequence) every weight is read once per token and the product is a
+stream through memory. The model stores each weight as [out, in] rows
+(`model._blocks_in_one_array`), so a Numba loop gives each thread one contiguous run of rows
+to dot with x: 32-65 GB/s here depending on what else shares the memory bus, against 24-30
+GB/s for BLAS and 30-40 GB/s for the same loop over the file's [in, out] layout.
 
 A decoding step of up to FEW_ROWS rows runs each block as one call (`decode_block`), the same
 loops with no Python between them.
 
-Threads: a decoding step with few rows and a prompt's products, attention and layernorms all
-run in Numba's thread pool. With the BLAS called from Python's threads instead, a band started
-0.1-0.2 ms after the call (the GIL and a sleeping thread to wake), and Numba's workers, spinning
-after their last loop, then took the core from the Python thread's band. Two pools taking turns fight for the cores,
-because each one's idle workers spin for a while after their last task: Numba's pool right
-after a multi-threaded BLAS product made decoding twenty times slower, and the parallel
-attention between the BLAS parts of a batch-16 step made it 1.4x slower (150 against 210
-tokens/s). Hence two builds of the attention loop.
+Threads: a decoding step with few rows, and a prompt's products, attention and layernorms,
+all run in Numba's thread pool. Two pools taking turns fight for the cores, because each
+one's idle workers spin for a while after their last task: Numba's pool right after a
+multi-threaded BLAS product made decoding twenty times slower, and the parallel attention
+between the BLAS parts of a batch-16 step made it 1.4x slower (150 against 210 tokens/s).
+Hence two builds of the attention loop over the cache. With a prompt's bands run by Python's
+threads (the fallback), each started 0.1-0.2 ms after the call (the GIL, and a sleeping
+thread to wake), and Numba's workers, spinning after their last loop, took the core from a
+Python thread's band.
 
 Every jitted function has `cache=True`: the compile cost (a few seconds) is paid once per
 machine, not once per process.
