@@ -233,46 +233,13 @@ def _rows(x):
     return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
 
 
-def _gemm_add_function(dtype):
-    """c += a @ b_rows.T through the BLAS's own ?gemm with beta = 1, for a: [M, K] and b_rows:
-    [N, K] C-contiguous and c: [M, N] with unit column stride (a band of a wider array), all
-    of `dtype`; None where NumPy's BLAS does not export it under a name whose integer width is
-    known (scipy-openblas64, as NumPy's wheels ship it: 64-bit).
-
-    np.matmul calls ?gemm with beta = 0, so the BLAS first zeroes c and a bias is added in a
-    pass of its own after; with c holding the bias beforehand the sum comes out of the product.
-    """
-    name = {np.float32: "cblas_sgemm64_", np.float64: "cblas_dgemm64_"}.get(np.dtype(dtype).type)
-    gemm = blas_function("scipy_" + name, name) if name else None
-    if gemm is None:
-        return None
-    scalar, index, pointer = np.ctypeslib.as_ctypes_type(dtype), ctypes.c_int64, ctypes.c_void_p
-    gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, index, index, index, scalar, pointer,
-                     index, pointer, index, scalar, pointer, index]
-    gemm.restype = None
-    row_major, no_trans, trans = 101, 111, 112
-
-    def gemm_add(a, b_rows, c):
-        (M, K), N = a.shape, b_rows.shape[0]
-        if not (a.flags.c_contiguous and b_rows.flags.c_contiguous and c.shape == (M, N) and c.strides[1] == c.itemsize
-                and b_rows.shape[1] == K and a.dtype == b_rows.dtype == c.dtype == dtype):
-            raise ValueError(f"gemm_add: a {a.shape}, b_rows {b_rows.shape}, c {c.shape} do not fit")
-        gemm(row_major, no_trans, trans, M, N, K, 1, a.ctypes.data, K, b_rows.ctypes.data, K, 1,
-             c.ctypes.data, c.strides[0] // c.itemsize)
-
-    return gemm_add
-
-
-_GEMM_ADD = {dtype: _gemm_add_function(dtype) for dtype in (np.float32, np.float64)}
-
-
 def _gemm_address(dtype):
     """The address of the BLAS's cblas_?gemm64_ for `dtype`, for `_gemm` to call from Numba's
-    threads; None where `_gemm_add_function` finds none."""
-    if _GEMM_ADD[dtype] is None:
-        return None
+    threads; None where NumPy's BLAS does not export it under a name whose integer width is
+    known (scipy-openblas64, as NumPy's wheels ship it: 64-bit)."""
     name = {np.float32: "cblas_sgemm64_", np.float64: "cblas_dgemm64_"}[dtype]
-    return ctypes.cast(blas_function("scipy_" + name, name), ctypes.c_void_p).value
+    gemm = blas_function("scipy_" + name, name)
+    return None if gemm is None else ctypes.cast(gemm, ctypes.c_void_p).value
 
 
 _GEMM_ADDRESS = {dtype: _gemm_address(dtype) for dtype in (np.float32, np.float64)}
@@ -382,7 +349,7 @@ def _product(rows, rows_of_out, out, bias=None, gelu_out=None):
         _few_rows_times(rows, rows_of_out, out)
         if bias is not None and gelu_out is None:
             out += bias
-    elif (address is not None and _GEMM_ADD.get(dtype) is not None and rows.dtype == rows_of_out.dtype == dtype
+    elif (address is not None and rows.dtype == rows_of_out.dtype == dtype
           and all(a.flags.c_contiguous for a in (rows, rows_of_out, out))):
         with blas_single_threaded_parts() as parts:
             if M <= _THIN_ROWS:
