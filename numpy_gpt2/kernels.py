@@ -275,7 +275,7 @@ def _gemm(typingctx, address, trans_b, M, N, K, a, lda, b, ldb, beta, c, ldc):
 
 
 # What `_bands_in_pool` does with each band of output columns.
-_PLAIN, _PLUS_BIAS, _THEN_GELU = 0, 1, 2
+_PLAIN, _PLUS_BIAS, _THEN_GELU, _ONTO = 0, 1, 2, 3
 
 
 @numba.njit(**dict(_JIT, parallel=True))
@@ -285,7 +285,9 @@ def _bands_in_pool(address, rows, rows_of_out, out, bias, product, mode, parts, 
     - _PLAIN: out = the product;
     - _PLUS_BIAS: out = bias + the product, the bias put in the band first for the BLAS to add
       the product to (beta = 1);
-    - _THEN_GELU: product = the product, then out = gelu(product + bias), band by band.
+    - _THEN_GELU: product = the product, then out = gelu(product + bias), band by band;
+    - _ONTO: out += bias + the product, the bias added to the band first and the BLAS adding
+      the product onto it (beta = 1): a residual sum with no pass of its own.
     All arrays C-contiguous; `float32` says which GELU loop (see `_bias_gelu`).
     """
     M, K = rows.shape
@@ -301,6 +303,10 @@ def _bands_in_pool(address, rows, rows_of_out, out, bias, product, mode, parts, 
         if mode == _PLUS_BIAS:
             for m in range(M):
                 out[m, n0:n1] = bias[n0:n1]
+            beta = out.dtype.type(1)
+        elif mode == _ONTO:
+            for m in range(M):
+                out[m, n0:n1] += bias[n0:n1]
             beta = out.dtype.type(1)
         _gemm(address, True, M, n1 - n0, K, rows.ctypes.data, K, rows_of_out.ctypes.data + n0 * K * item, K,
               beta, target.ctypes.data + n0 * item, N)
@@ -326,9 +332,10 @@ def _weight_bands_in_pool(address, rows, rows_of_out, out_t, parts):
                   out_t.dtype.type(0), out_t.ctypes.data + n0 * M * item, M)
 
 
-def _product(rows, rows_of_out, out, bias=None, gelu_out=None):
+def _product(rows, rows_of_out, out, bias=None, gelu_out=None, onto=False):
     """out: [M, N] = rows: [M, K] @ rows_of_out.T (+ bias: [N]), rows_of_out: [N, K]; with
-    gelu_out: [M, N] also gelu_out = gelu(out + bias), out then holding the product alone.
+    gelu_out: [M, N] also gelu_out = gelu(out + bias), out then holding the product alone; with
+    onto, out += the product (+ bias) instead.
 
     The path depends on M:
     - up to FEW_ROWS rows (decoding) `_few_rows_times`: every weight is read once per token,
@@ -345,12 +352,16 @@ def _product(rows, rows_of_out, out, bias=None, gelu_out=None):
     M, N = len(rows), rows_of_out.shape[0]
     dtype = out.dtype.type
     address = _GEMM_ADDRESS.get(dtype)
+    blas = (address is not None and rows.dtype == rows_of_out.dtype == dtype
+            and all(a.flags.c_contiguous for a in (rows, rows_of_out, out)))
+    total = None
+    if onto and not (blas and M > _THIN_ROWS):  # only the bands add onto out themselves
+        total, out, onto = out, np.empty_like(out), False
     if M <= FEW_ROWS:
         _few_rows_times(rows, rows_of_out, out)
         if bias is not None and gelu_out is None:
             out += bias
-    elif (address is not None and rows.dtype == rows_of_out.dtype == dtype
-          and all(a.flags.c_contiguous for a in (rows, rows_of_out, out))):
+    elif blas:
         with blas_single_threaded_parts() as parts:
             if M <= _THIN_ROWS:
                 out_t = np.empty((N, M), dtype=out.dtype)
@@ -359,8 +370,9 @@ def _product(rows, rows_of_out, out, bias=None, gelu_out=None):
                 if bias is not None and gelu_out is None:
                     out += bias
             else:
-                mode = _THEN_GELU if gelu_out is not None else _PLAIN if bias is None else _PLUS_BIAS
-                no_bias = np.zeros(0, dtype=out.dtype)
+                mode = (_THEN_GELU if gelu_out is not None else _ONTO if onto else _PLAIN if bias is None
+                        else _PLUS_BIAS)
+                no_bias = np.zeros(N if onto else 0, dtype=out.dtype)
                 _bands_in_pool(address, rows, rows_of_out, out if gelu_out is None else gelu_out,
                                no_bias if bias is None else bias, out, mode, parts, dtype == np.float32)
                 return
@@ -368,6 +380,8 @@ def _product(rows, rows_of_out, out, bias=None, gelu_out=None):
         _product_in_python_threads(rows, rows_of_out, out, None if gelu_out is not None else bias)
     if gelu_out is not None:
         _bias_gelu(out, bias, gelu_out, 0, N)
+    if total is not None:
+        total += out
 
 
 def _product_in_python_threads(rows, rows_of_out, out, bias):
@@ -384,12 +398,27 @@ def _product_in_python_threads(rows, rows_of_out, out, bias):
         out += bias
 
 
-def linear(x, weight, bias, empty=np.empty):
-    """x: [..., in] -> [..., out] = x @ weight + bias (see `ops.linear`)."""
+def linear(x, weight, bias, empty=np.empty, add_to=None):
+    """x: [..., in] -> [..., out] = x @ weight + bias (see `ops.linear`).
+
+    add_to: an array of the result's shape and dtype, to which the result is added in place
+    and which is returned: a residual sum, `add_to += linear(x, weight, bias)`. When it is
+    C-contiguous the BLAS adds each band's product straight onto it, with no array or pass of
+    its own for the sum.
+    """
     rows = _rows(x)
-    out = empty((len(rows), weight.shape[1]), weight.dtype)
-    _product(rows, stored_rows(weight), out, bias)
-    return out.reshape(x.shape[:-1] + (weight.shape[1],))
+    shape = x.shape[:-1] + (weight.shape[1],)
+    if add_to is None:
+        out = empty((len(rows), weight.shape[1]), weight.dtype)
+        _product(rows, stored_rows(weight), out, bias)
+        return out.reshape(shape)
+    if add_to.shape != shape or add_to.dtype != weight.dtype:
+        raise ValueError(f"add_to must be a {weight.dtype} array of shape {shape}, found {add_to.dtype} {add_to.shape}")
+    if add_to.flags.c_contiguous:
+        _product(rows, stored_rows(weight), add_to.reshape(len(rows), -1), bias, onto=True)
+    else:
+        add_to += linear(x, weight, bias, empty)
+    return add_to
 
 
 def linear_gelu(x, weight, bias, empty=np.empty):
@@ -569,12 +598,17 @@ def _normalise_rows_(weights):
                 row[s] *= inv_total
 
 
-def causal_attention(q, k, v, key_mask, start, scale, empty=np.empty):
+def causal_attention(q, k, v, key_mask, start, scale, empty=np.empty, new_k=None, new_v=None):
     """q: [B, T, H, D], k, v: [B, H, S, D], key_mask: [B, S] bool -> [B, T, H*D].
 
     Attention of new queries (absolute positions start..start+T-1) over keys 0..S-1, causal and
     masked; see `ops.causal_attention`. Keys past start+T-1 are never visible, so k and v may be
     a whole cache of which only the first start+T positions are filled.
+
+    new_k, new_v: [B, N, H, D] (N >= T), when given, are the keys and values of the N positions
+    up to the last query's, written into k and v (a cache) first. For a prompt each thread
+    writes its own heads just before it reads them back, where a copy of its own took 0.4 ms a
+    layer of one core at 512 positions.
 
     One new position per row (decoding) goes through one Numba pass over the cache; give it
     the C-contiguous cache arrays themselves (not a slice) and its inner loops vectorise. With
@@ -582,6 +616,10 @@ def causal_attention(q, k, v, key_mask, start, scale, empty=np.empty):
     Several positions (a prompt) go through two BLAS products around a Numba softmax.
     """
     B, T, H, D = q.shape
+    first_new = start + T - (0 if new_k is None else new_k.shape[1])  # the position of new_k[:, 0]
+    if T == 1 and new_k is not None:
+        k[:, :, first_new:start + T] = new_k.transpose(0, 2, 1, 3)
+        v[:, :, first_new:start + T] = new_v.transpose(0, 2, 1, 3)
     if T == 1:
         out = np.empty((B, T, H, D), dtype=q.dtype)
         attend = _attend_over_cache_parallel if B <= FEW_ROWS else _attend_over_cache
@@ -591,20 +629,28 @@ def causal_attention(q, k, v, key_mask, start, scale, empty=np.empty):
     address = _GEMM_ADDRESS.get(q.dtype.type)
     if address is not None and q.dtype == k.dtype == v.dtype and all(map(_blas_rows, (q[:, :, 0], k[:, 0], v[:, 0]))):
         block = min(T, _QUERY_BLOCK)
+        no_new = q[:, :0]
         with blas_single_threaded_parts() as parts:
             scores = empty((parts, block * (start + T)), q.dtype)
             _prompt_attention_in_pool(address, q, k, v, key_mask, start, q.dtype.type(scale), out, scores,
-                                      not key_mask[:, :start + T].all(), q.dtype == np.float32)
+                                      not key_mask[:, :start + T].all(), q.dtype == np.float32,
+                                      no_new if new_k is None else new_k, no_new if new_v is None else new_v,
+                                      first_new)
     else:
+        if new_k is not None:
+            k[:, :, first_new:start + T] = new_k.transpose(0, 2, 1, 3)
+            v[:, :, first_new:start + T] = new_v.transpose(0, 2, 1, 3)
         run_in_parts(H, lambda h0, h1: _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out, empty))
     return out.reshape(B, T, H * D)
 
 
 @numba.njit(**dict(_JIT, parallel=True))
-def _prompt_attention_in_pool(address, q, k, v, key_mask, start, scale, out, scores, padded, float32):
+def _prompt_attention_in_pool(address, q, k, v, key_mask, start, scale, out, scores, padded, float32,
+                              new_k, new_v, first_new):
     """`causal_attention` for T > 1 positions, into out: [B, T, H, D] C-contiguous: the
     (row, head) pairs cut into len(scores) parts run in Numba's threads, each with its own
-    scores: [parts, _QUERY_BLOCK * (start + T)].
+    scores: [parts, _QUERY_BLOCK * (start + T)]. Each pair's new keys and values, new_k, new_v:
+    [B, N, H, D] (N may be 0), go into k and v at first_new.. first.
 
     For each pair, the queries in blocks, each against only the keys it can see (a causal
     prompt needs about half of the full T x S products): the block's scores by one ?gemm call,
@@ -621,6 +667,10 @@ def _prompt_attention_in_pool(address, q, k, v, key_mask, start, scale, out, sco
         exponents = np.empty(start + T, dtype=np.int32)
         for pair in range(part * per_part, min(pairs, (part + 1) * per_part)):
             b, h = pair // H, pair % H
+            for t in range(new_k.shape[1]):
+                for d in range(D):
+                    k[b, h, first_new + t, d] = new_k[b, t, h, d]
+                    v[b, h, first_new + t, d] = new_v[b, t, h, d]
             q_at = q.ctypes.data + b * q.strides[0] + h * q.strides[2]
             k_at = k.ctypes.data + b * k.strides[0] + h * k.strides[1]
             v_at = v.ctypes.data + b * v.strides[0] + h * v.strides[1]

@@ -351,10 +351,10 @@ class GPT2:
                 # The last block is needed only at the positions whose logits are kept (its keys
                 # and values still go into the cache for all T).
                 keep = min(logits_to_keep or T, T) if layer == len(self.h) - 1 else T
-                heads = self._attention(layer, block.attn, self._norm(x, block.ln_1, empty), cache, keep, empty)
+                h = self._norm(x, block.ln_1, empty)
                 x = x[:, T - keep:]                                                 # [B, keep, C]
-                x += heads
-                x += self._mlp(block.mlp, self._norm(x, block.ln_2, empty), empty)
+                self._attention(layer, block.attn, h, cache, keep, x, empty)        # x += attn(ln_1(x))
+                self._mlp(block.mlp, self._norm(x, block.ln_2, empty), x, empty)    # x += mlp(ln_2(x))
         x = self._norm(x, self.ln_f, empty)
         cache.length = start + T
         if logits_to_keep:
@@ -380,23 +380,24 @@ class GPT2:
     def _norm(self, x, ln: LayerNorm, empty=np.empty):
         return kernels.layer_norm(x, ln.weight, ln.bias, self.config.layer_norm_epsilon, empty)
 
-    def _attention(self, layer: int, attn: Attention, x, cache: KVCache, keep: int, empty=np.empty):
-        """x: [B, T, C] -> [B, keep, C]: causal self-attention of the last `keep` positions, the
-        keys/values of all T appended to cache."""
+    def _attention(self, layer: int, attn: Attention, x, cache: KVCache, keep: int, residual, empty=np.empty):
+        """residual: [B, keep, C] += causal self-attention of x: [B, T, C] at its last `keep`
+        positions, the keys/values of all T appended to cache."""
         B, T, C = x.shape
         H, D = self.config.n_head, self.config.head_dim
         qkv = kernels.linear(x, attn.c_attn.weight, attn.c_attn.bias, empty).reshape(B, T, 3, H, D)
-        start, end = cache.length, cache.length + T
-        cache.k[layer, :, :, start:end] = qkv[:, :, 1].transpose(0, 2, 1, 3)      # [B, H, T, D]
-        cache.v[layer, :, :, start:end] = qkv[:, :, 2].transpose(0, 2, 1, 3)
+        end = cache.length + T
+        # The T new keys and values go into the cache (k, v: [B, H, S, D]) as the attention starts.
         heads = kernels.causal_attention(qkv[:, T - keep:, 0], cache.k[layer], cache.v[layer], cache.key_mask,
-                                         end - keep, self.attn_scales[layer], empty)  # [B, keep, C]
-        return kernels.linear(heads, attn.c_proj.weight, attn.c_proj.bias, empty)
+                                         end - keep, self.attn_scales[layer], empty,
+                                         new_k=qkv[:, :, 1], new_v=qkv[:, :, 2])     # [B, keep, C]
+        # The sum is made by the BLAS adding the product onto the residual.
+        kernels.linear(heads, attn.c_proj.weight, attn.c_proj.bias, empty, add_to=residual)
 
-    def _mlp(self, mlp: MLP, x, empty=np.empty):
-        """x: [B, T, C] -> [B, T, C]: widen to F, tanh-GELU, project back."""
+    def _mlp(self, mlp: MLP, x, residual, empty=np.empty):
+        """residual: [B, T, C] += the MLP of x: [B, T, C]: widen to F, tanh-GELU, project back."""
         h = kernels.linear_gelu(x, mlp.c_fc.weight, mlp.c_fc.bias, empty)           # [B, T, F]
-        return kernels.linear(h, mlp.c_proj.weight, mlp.c_proj.bias, empty)
+        kernels.linear(h, mlp.c_proj.weight, mlp.c_proj.bias, empty, add_to=residual)
 
     def trace(self, input_ids, attention_mask=None) -> Trace:
         """The forward pass written with the reference ops, keeping every layer's output.

@@ -109,9 +109,9 @@ def test_every_op_stays_in_the_model_dtype(tiny_ref, dtype, monkeypatch):
     model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype=dtype)
     seen = []
     for name in ("layer_norm", "linear", "linear_gelu", "matmul_transposed", "causal_attention", "decode_block"):
-        def checked(*args, _original=getattr(kernels, name), _name=name):
-            out = _original(*args)
-            floats = [a.dtype for a in (*args, out) if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
+        def checked(*args, _original=getattr(kernels, name), _name=name, **kwargs):
+            out = _original(*args, **kwargs)
+            floats = [a.dtype for a in (*args, *kwargs.values(), out) if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
             seen.append((_name, set(floats)))
             return out
         monkeypatch.setattr(kernels, name, checked)

@@ -131,6 +131,33 @@ def test_linear_many_rows_both_blas_paths_match_torch(dtype, rows, path, monkeyp
     np.testing.assert_allclose(out, ref.numpy(), **PRODUCT_TOL[dtype])
 
 
+@pytest.mark.parametrize("blas", ["?gemm", "np.matmul"])
+@pytest.mark.parametrize("target", ["contiguous", "strided"])
+@pytest.mark.parametrize("rows", ROWS + [200])
+def test_linear_add_to_adds_onto_the_target_as_torch(dtype, rows, target, blas, monkeypatch):
+    """A residual sum, add_to += linear(x): beyond _THIN_ROWS into a C-contiguous target the
+    BLAS adds each band's product onto it; every other case adds a product made apart. Both
+    against torch, and the same array comes back."""
+    if blas == "np.matmul":
+        monkeypatch.setitem(kernels._GEMM_ADDRESS, np.dtype(dtype).type, None)
+    x, weight, bias = _random((rows, 61), dtype), LAYOUTS["out-in"](_random((61, 173), dtype, 1)), _random(173, dtype, 2)
+    residual = _random((rows, 173), dtype, 3, scale=5.0)
+    add_to = residual.copy() if target == "contiguous" else np.repeat(residual, 2, axis=1)[:, ::2]
+    out = kernels.linear(x, weight, bias, add_to=add_to)
+    ref = torch.from_numpy(residual) + F.linear(torch.from_numpy(x), torch.from_numpy(weight.T.copy()),
+                                                torch.from_numpy(bias))
+    assert out is add_to
+    np.testing.assert_allclose(add_to, ref.numpy(), **PRODUCT_TOL[dtype])
+
+
+def test_linear_add_to_of_the_wrong_shape_is_refused():
+    x, weight, bias = _random((3, 4), np.float32), _random((4, 5), np.float32), _random(5, np.float32)
+    add_to = np.zeros((3, 6), np.float32)
+    with pytest.raises(ValueError, match=r"add_to must be a float32 array of shape \(3, 5\), found float32 \(3, 6\)"):
+        kernels.linear(x, weight, bias, add_to=add_to)
+    assert not add_to.any()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rows", ROWS)
 def test_linear_gelu_matches_torch(dtype, rows, layout):
@@ -207,13 +234,18 @@ needs_gemm = pytest.mark.skipif(kernels._GEMM_ADDRESS[np.float32] is None,
 
 @needs_gemm
 @pytest.mark.parametrize("parts", [1, 2, 3, 7])
-@pytest.mark.parametrize("mode", ["plain", "plus bias", "then gelu"])
+@pytest.mark.parametrize("mode", ["plain", "plus bias", "then gelu", "onto"])
 def test_bands_in_pool_match_torch_for_any_number_of_parts(dtype, parts, mode):
     """Every band of output columns, however the columns are cut (7 parts of 173 leave a short
-    last one), is the product torch computes, with its bias or its GELU."""
+    last one), is the product torch computes, with its bias or its GELU, or added with the
+    bias onto what out held."""
     x, rows_of_out, bias = _random((70, 61), dtype), _random((173, 61), dtype, 1), _random(173, dtype, 2)
     out, product = np.full((70, 173), np.nan, dtype), np.full((70, 173), np.nan, dtype)
-    code = {"plain": kernels._PLAIN, "plus bias": kernels._PLUS_BIAS, "then gelu": kernels._THEN_GELU}[mode]
+    held = _random((70, 173), dtype, 3, scale=5.0)
+    if mode == "onto":
+        out[...] = held
+    code = {"plain": kernels._PLAIN, "plus bias": kernels._PLUS_BIAS, "then gelu": kernels._THEN_GELU,
+            "onto": kernels._ONTO}[mode]
     kernels._bands_in_pool(kernels._GEMM_ADDRESS[dtype], x, rows_of_out, out, bias, product, code, parts,
                            dtype == np.float32)
     ref = torch.from_numpy(x) @ torch.from_numpy(rows_of_out).T
@@ -222,6 +254,8 @@ def test_bands_in_pool_match_torch_for_any_number_of_parts(dtype, parts, mode):
         ref = F.gelu(ref + torch.from_numpy(bias), approximate="tanh")
     elif mode == "plus bias":
         ref = ref + torch.from_numpy(bias)
+    elif mode == "onto":
+        ref = torch.from_numpy(held) + (ref + torch.from_numpy(bias))
     np.testing.assert_allclose(out, ref.numpy(), **PRODUCT_TOL[dtype])
 
 
@@ -246,6 +280,37 @@ def test_prompt_attention_both_paths_match_sdpa(dtype, path, monkeypatch):
                                          attn_mask=torch.from_numpy(allowed), scale=0.2).numpy()
     out = kernels.causal_attention(q_all[:, :, start:].transpose(0, 2, 1, 3), k, v, key_mask, start, 0.2)
     expected = ref[:, :, start:].transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    np.testing.assert_allclose(out, expected, **PRODUCT_TOL[dtype])
+
+
+@pytest.mark.parametrize("path", ["Numba's threads", "Python's threads"])
+@pytest.mark.parametrize("T, keep", [(150, 150), (150, 40), (1, 1)], ids=["prompt", "last 40 kept", "one row"])
+def test_attention_stores_the_new_keys_and_values_first(dtype, T, keep, path, monkeypatch):
+    """With new_k, new_v (strided views of a fused q/k/v product, as the model passes them) the
+    T new positions go into the cache after 21 cached ones, and the last `keep` queries attend
+    over all of them: the cache holds exactly the new keys and values, the rest of it untouched,
+    and the result is torch's."""
+    if path == "Python's threads":
+        monkeypatch.setitem(kernels._GEMM_ADDRESS, dtype, None)
+    B, H, D, start, capacity = 2, 3, 16, 21, 200
+    S = start + T
+    qkv = _random((B, T, 3, H, D), dtype, 5, scale=2.0)
+    k, v = _random((B, H, capacity, D), dtype, 6), _random((B, H, capacity, D), dtype, 7)
+    k_before, v_before = k.copy(), v.copy()
+    out = kernels.causal_attention(qkv[:, T - keep:, 0], k, v, np.ones((B, capacity), bool), S - keep, 0.2,
+                                   new_k=qkv[:, :, 1], new_v=qkv[:, :, 2])
+    new_k, new_v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in (1, 2))
+    np.testing.assert_array_equal(k[:, :, start:S], new_k)
+    np.testing.assert_array_equal(v[:, :, start:S], new_v)
+    for after, before in ((k, k_before), (v, v_before)):
+        np.testing.assert_array_equal(after[:, :, :start], before[:, :, :start])
+        np.testing.assert_array_equal(after[:, :, S:], before[:, :, S:])
+    q_all = np.concatenate([_random((B, H, start, D), dtype, 8), qkv[:, :, 0].transpose(0, 2, 1, 3)], axis=2)
+    keys, values = (np.concatenate([before[:, :, :start], new], axis=2) for before, new in ((k_before, new_k),
+                                                                                            (v_before, new_v)))
+    ref = F.scaled_dot_product_attention(*(torch.from_numpy(a.astype(np.float64)) for a in (q_all, keys, values)),
+                                         is_causal=True, scale=0.2).numpy()
+    expected = ref[:, :, S - keep:].transpose(0, 2, 1, 3).reshape(B, keep, H * D)
     np.testing.assert_allclose(out, expected, **PRODUCT_TOL[dtype])
 
 
