@@ -274,6 +274,21 @@ def _gemm(typingctx, address, trans_b, M, N, K, a, lda, b, ldb, beta, c, ldc):
     return sig, codegen
 
 
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of the integer `bits` (Numba makes the
+    sum of two int32 an int64): a bit cast, no conversion, and unlike a view of an array it
+    keeps a loop vectorisable."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth < 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = args[0] if bits.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
 # What `_bands_in_pool` does with each band of output columns.
 _PLAIN, _PLUS_BIAS, _THEN_GELU, _ONTO = 0, 1, 2, 3
 
@@ -664,7 +679,7 @@ def _prompt_attention_in_pool(address, q, k, v, key_mask, start, scale, out, sco
     per_part = (pairs + parts - 1) // parts
     zero = q.dtype.type(0)
     for part in numba.prange(parts):
-        exponents = np.empty(start + T, dtype=np.int32)
+        norms = np.empty(_QUERY_BLOCK, dtype=q.dtype)
         for pair in range(part * per_part, min(pairs, (part + 1) * per_part)):
             b, h = pair // H, pair % H
             for t in range(new_k.shape[1]):
@@ -681,20 +696,26 @@ def _prompt_attention_in_pool(address, q, k, v, key_mask, start, scale, out, sco
                 _gemm(address, True, t1 - t0, visible, D, q_at + t0 * q.strides[1], q.strides[1] // item,  # q.k
                       k_at, k.strides[2] // item, zero, block.ctypes.data, visible)
                 for t in range(t1 - t0):
-                    _softmax_visible_(block[t], min(start + t0 + t + 1, visible), key_mask[b], padded, scale,
-                                      float32, exponents)
+                    norms[t] = _softmax_visible_(block[t], min(start + t0 + t + 1, visible), key_mask[b], padded,
+                                                 scale, float32)
                 _gemm(address, False, t1 - t0, D, visible, block.ctypes.data, visible,               # weights @ v
                       v_at, v.strides[2] // item, zero, out[b, t0:, h].ctypes.data, H * D)
+                for t in range(t1 - t0):  # the softmax's division, on D values a row instead of `visible`
+                    heads = out[b, t0 + t, h]
+                    for d in range(D):
+                        heads[d] *= norms[t]
 
 
 @numba.njit(**_JIT)
-def _softmax_visible_(row, last, key_mask, padded, scale, float32, exponents):
-    """row: [S] of q.k, in place -> softmax(scale * q.k) over the keys s < last whose key_mask is
-    set (all of them unless padded), 0 elsewhere; a row that sees no key is all 0."""
+def _softmax_visible_(row, last, key_mask, padded, scale, float32):
+    """row: [S] of q.k, in place -> exp(scale * q.k - its maximum) over the keys s < last whose
+    key_mask is set (all of them unless padded), 0 elsewhere; returns 1 / their sum, by which
+    the caller scales the weighted values to make this a softmax (0 for a row that sees no key,
+    which stays all 0)."""
     S = row.shape[0]
     row_max = row.dtype.type(-np.inf)  # every scalar here of row's dtype: float64 ones make the loops slow
     if float32:
-        row_max = _max_float32(row, last, key_mask, padded, exponents)
+        row_max = _max_float32(row, last, key_mask, padded)
     else:
         for s in range(last):
             if not padded or key_mask[s]:
@@ -703,7 +724,7 @@ def _softmax_visible_(row, last, key_mask, padded, scale, float32, exponents):
         last = 0
     shift = row_max * scale
     if float32:
-        _exp_float32_(row, last, scale, shift, exponents)
+        _exp_float32_(row, last, scale, shift)
     else:
         for s in range(last):
             row[s] = math.exp(row[s] * scale - shift)
@@ -711,17 +732,15 @@ def _softmax_visible_(row, last, key_mask, padded, scale, float32, exponents):
         for s in range(last):
             if not key_mask[s]:
                 row[s] = 0
-    inv_total = row.dtype.type(1) / _sum(row[:last]) if last else row.dtype.type(0)
-    for s in range(last):
-        row[s] *= inv_total
     for s in range(last, S):
         row[s] = 0
+    return row.dtype.type(1) / _sum(row[:last]) if last else row.dtype.type(0)
 
 
 @numba.njit(**_JIT)
-def _max_float32(row, last, key_mask, padded, scratch):
+def _max_float32(row, last, key_mask, padded):
     """The largest of row[:last] (float32) where key_mask is set (everywhere unless padded),
-    -inf if none; scratch: int32 [1 or more].
+    -inf if none.
 
     Taken over integers that order as the floats do (the bits of a negative float with all but
     the sign flipped): LLVM vectorises an integer maximum, not a float one, and this loop ran
@@ -737,8 +756,7 @@ def _max_float32(row, last, key_mask, padded, scratch):
         largest = max(largest, key if not padded or key_mask[s] else smallest)
     if largest == smallest:
         return np.float32(-np.inf)
-    scratch[0] = largest ^ ((largest >> np.int32(31)) & flip)
-    return scratch[:1].view(np.float32)[0]
+    return _float32_from_bits(largest ^ ((largest >> np.int32(31)) & flip))
 
 
 @numba.njit(**dict(_JIT, fastmath={"reassoc"}))
@@ -751,15 +769,15 @@ def _sum(x):
 
 
 @numba.njit(**_JIT)
-def _exp_float32_(row, n, scale, shift, exponents):
+def _exp_float32_(row, n, scale, shift):
     """row[:n] <- exp(row[:n] * scale - shift) in float32, for arguments up to about 0 (a
     softmax's, centred on the row's maximum); 0 below -87, past float32's smallest normal; NaN
     for NaN.
 
     Cephes' expf (relative error under 2e-7): exp(t) = 2^k exp(r), k = round(t / ln 2), r = t -
-    k ln 2 in two parts, exp(r) a polynomial; 2^k put in the result's exponent bits in a second
-    loop. Unlike math.exp it has no call in the loop, so both loops vectorise. No fastmath:
-    reassociation would merge the two parts of k ln 2.
+    k ln 2 in two parts, exp(r) a polynomial, times 2^k made from its exponent bits (exact: the
+    results are normal floats). Unlike math.exp it has no call in the loop, so the loop
+    vectorises. No fastmath: reassociation would merge the two parts of k ln 2.
     """
     log2e = np.float32(1.44269504088896341)
     ln2_hi, ln2_lo = np.float32(0.693359375), np.float32(-2.12194440e-4)
@@ -778,11 +796,8 @@ def _exp_float32_(row, n, scale, shift, exponents):
         p = p * r + np.float32(1.6666665459e-1)
         p = p * r + np.float32(5.0000001201e-1)
         p = p * r * r + r + np.float32(1)
-        row[s] = p if kept else (t if t != t else np.float32(0))  # a NaN stays NaN
-        exponents[s] = (np.int32(k) << np.int32(23)) if kept else np.int32(0)
-    bits = row[:n].view(np.int32)
-    for s in range(n):
-        bits[s] += exponents[s]
+        two_to_k = _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+        row[s] = p * two_to_k if kept else (t if t != t else np.float32(0))  # a NaN stays NaN
 
 
 def _blas_rows(a):

@@ -318,12 +318,12 @@ def test_float32_exp_matches_torch_in_float64():
     """The softmax's exp (Cephes' expf) over the arguments a centred softmax gives it, [-87, 0],
     within 2 float32 ulps of the exact value; 0 below -87; scale and shift applied first."""
     t = np.concatenate([np.linspace(-87, 0, 200_001), [-1e-7, -0.5, -86.99]]).astype(np.float32)
-    row, exponents = (t * np.float32(2)).astype(np.float32), np.empty(len(t), np.int32)
-    kernels._exp_float32_(row, len(row), np.float32(0.5), np.float32(0), exponents)
+    row = (t * np.float32(2)).astype(np.float32)
+    kernels._exp_float32_(row, len(row), np.float32(0.5), np.float32(0))
     exact = torch.exp(torch.from_numpy(t.astype(np.float64))).numpy()
     assert np.all(np.abs(row - exact) <= 2 * np.spacing(exact.astype(np.float32)))
     below = np.array([-87.5, -100, -np.inf, np.nan, np.copysign(np.nan, -1)], np.float32)
-    kernels._exp_float32_(below, 5, np.float32(1), np.float32(0), np.empty(5, np.int32))
+    kernels._exp_float32_(below, 5, np.float32(1), np.float32(0))
     assert np.all(below[:3] == 0) and np.all(np.isnan(below[3:]))
 
 
@@ -347,15 +347,14 @@ def test_float32_masked_maximum_is_numpys():
     rng = np.random.default_rng(3)
     rows = [rng.standard_normal(300).astype(np.float32) - 10, rng.standard_normal(77).astype(np.float32) * 1e3,
             np.array([-0.0, -1e-30, -np.inf, -5], np.float32), np.array([-np.inf, -np.inf], np.float32)]
-    scratch = np.empty(1, np.int32)
     for row in rows:
         for padded in (False, True):
             mask = rng.random(len(row)) < 0.5 if padded else np.ones(len(row), bool)
             for last in (1, len(row) // 2, len(row)):
                 kept = row[:last][mask[:last]]
                 expected = kept.max() if len(kept) else -np.inf
-                assert kernels._max_float32(row, last, mask, padded, scratch) == expected
-    assert kernels._max_float32(rows[0], 3, np.zeros(300, bool), True, scratch) == -np.inf
+                assert kernels._max_float32(row, last, mask, padded) == expected
+    assert kernels._max_float32(rows[0], 3, np.zeros(300, bool), True) == -np.inf
 
 
 def test_prompt_attention_with_queries_no_blas_can_take_matches_sdpa(dtype):
