@@ -5,6 +5,7 @@ exit; anything else is a bug and keeps its traceback.
 """
 
 import argparse
+import concurrent.futures
 import os
 import sys
 
@@ -140,6 +141,7 @@ def _read_text(arg, what):
 def _cmd_generate(args):
     from .model import GPT2
     from .tokenizer import Tokenizer
+    from .weights.resolve import resolve_model
 
     prompt = _read_text(args.prompt, "prompt")
     if not prompt.strip():
@@ -148,8 +150,12 @@ def _cmd_generate(args):
         from .threads import set_threads
 
         set_threads(args.threads)
-    model = GPT2.from_pretrained(args.model, dtype=args.dtype, n_head=args.n_head)
-    tokenizer = Tokenizer.from_pretrained(model.path)
+    path = resolve_model(args.model)
+    # The tokenizer's files are parsed (0.15 s) while the weights are copied, mostly outside the GIL.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tokenizer = pool.submit(Tokenizer.from_pretrained, path)
+        model = GPT2.from_pretrained(path, dtype=args.dtype, n_head=args.n_head)
+        tokenizer = tokenizer.result()
     ids = tokenizer.encode(prompt)
     if max(ids) >= model.config.vocab_size:
         raise GPT2Error(f"the prompt has token {max(ids)}, outside the model's vocabulary of {model.config.vocab_size}")

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from . import kernels, ops
-from .buffers import OutputMemory
+from .buffers import OutputMemory, faulted_in_empty
 from .config import GPT2Config
 from .errors import GPT2Error
 from .weights import Checkpoint, expected_shapes, load_checkpoint, mapped_file, release_pages
@@ -74,7 +74,8 @@ def _in_own_memory(array: np.ndarray) -> np.ndarray:
     """
     if mapped_file(array) is None:
         return array
-    copy = np.array(array, order="C")
+    copy = faulted_in_empty(array.shape, array.dtype)
+    copy[...] = array
     release_pages(array)
     return copy
 
@@ -104,7 +105,7 @@ def _blocks_in_one_array(config: GPT2Config, tensors, dtype) -> dict:
     """
     shapes = expected_shapes(config)
     names = [f"h.{i}.{name}" for i in range(config.n_layer) for name in _BLOCK_TENSORS]
-    memory = np.empty(sum(math.prod(shapes[name]) for name in names), dtype=dtype)
+    memory = faulted_in_empty(sum(math.prod(shapes[name]) for name in names), dtype)
     views, offset = {}, 0
     for name in names:
         shape, source = shapes[name], tensors[name]

@@ -74,16 +74,34 @@ def _rank_ordered_bytes() -> list[int]:
     return list(_data_gym_alphabet().values())
 
 
-def _decode_data_gym(token: str, where: str) -> bytes:
-    """The bytes a data gym token string stands for; `where` names its file and line."""
-    alphabet = _data_gym_alphabet()
+@functools.lru_cache(maxsize=1)
+def _data_gym_table() -> dict[int, int | None]:
+    """A `str.translate` table: each character of the alphabet -> the character whose code is
+    its byte; any other character below 256 -> deleted, so that a token holding one comes out
+    short (one above 256 stays, and is not Latin-1)."""
+    table = {code: None for code in range(256)}
+    table.update({ord(c): b for c, b in _data_gym_alphabet().items()})
+    return table
+
+
+def _decode_data_gym(token: str, source, merge: int | None = None) -> bytes:
+    """The bytes a data gym token string stands for; `source` names its file, `merge` its merge.
+
+    Through str.translate and a Latin-1 encoding, C loops both: loading GPT-2's tokenizer
+    decodes 150,000 of these, and a Python loop over the characters took 0.2 s of it.
+    """
     try:
-        return bytes(alphabet[c] for c in token)
-    except KeyError as err:
-        raise TokenizerError(
-            f"{where}: token {token!r} has character {err.args[0]!r}, which is not in the "
-            f"byte-level BPE alphabet"
-        ) from None
+        data = token.translate(_data_gym_table()).encode("latin-1")
+    except UnicodeEncodeError:  # a character above 255 that is not in the alphabet
+        data = b""
+    if len(data) == len(token):
+        return data
+    alphabet = _data_gym_alphabet()
+    bad = next(c for c in token if c not in alphabet)
+    raise TokenizerError(
+        f"{source}{'' if merge is None else f': merge {merge}'}: token {token!r} has character {bad!r}, "
+        f"which is not in the byte-level BPE alphabet"
+    )
 
 
 def _read(source) -> bytes:
@@ -143,8 +161,7 @@ def _ranks_from_merges(merges: list[tuple[str, str]], source) -> dict[bytes, int
     """Single bytes take ranks 0..255, then each merge's product takes the next rank."""
     ranks = {bytes([b]): rank for rank, b in enumerate(_rank_ordered_bytes())}
     for number, (first, second) in enumerate(merges, start=1):
-        where = f"{source}: merge {number}"
-        ranks[_decode_data_gym(first, where) + _decode_data_gym(second, where)] = len(ranks)
+        ranks[_decode_data_gym(first, source, number) + _decode_data_gym(second, source, number)] = len(ranks)
     return ranks
 
 
@@ -157,9 +174,8 @@ def _check_encoder_agrees(ranks: dict[bytes, int], encoder: dict[str, int], enco
     special_id = encoder.get(ENDOFTEXT, EOS_TOKEN_ID)
     if special_id != EOS_TOKEN_ID:
         raise TokenizerError(f"{encoder_source}: {ENDOFTEXT} has id {special_id}, GPT-2 uses {EOS_TOKEN_ID}")
-    where = str(encoder_source)
     ids = {
-        _decode_data_gym(token, where): token_id
+        _decode_data_gym(token, encoder_source): token_id
         for token, token_id in encoder.items()
         if token not in _NON_BPE_ENTRIES
     }

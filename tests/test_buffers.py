@@ -20,6 +20,32 @@ def _address(a):
     return a.__array_interface__["data"][0]
 
 
+def _resident_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (4 * MiB // 4 + 7,), (12, 2 * MiB // 4 + 3)], ids=["small", "4 MiB", "2-D"])
+def test_faulted_in_empty_is_an_empty_array(shape):
+    a = buffers.faulted_in_empty(shape, np.float32)
+    assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+    a[...] = 1.5
+    assert a.sum() == 1.5 * a.size
+
+
+def test_faulted_in_empty_pages_are_resident_before_the_first_write():
+    """The pages of a large array are in memory when it is handed out (the load's weights then
+    take no page faults while they are copied)."""
+    if buffers._madvise() is None:
+        pytest.skip("madvise(MADV_POPULATE_WRITE) does not exist here (not Linux, or a kernel before 5.14)")
+    before = _resident_bytes()
+    a = buffers.faulted_in_empty((64 * MiB // 4,), np.float32)
+    assert _resident_bytes() - before >= 0.95 * a.nbytes
+    b = np.empty(64 * MiB // 4, np.float32)  # np.empty's pages, for contrast, wait for a write
+    assert _resident_bytes() - before < 1.5 * a.nbytes
+    del a, b
+
+
 def test_arrays_are_plain_writable_c_arrays():
     memory = OutputMemory(max_bytes=64 * MiB, min_bytes=0)
     a = memory.empty((3, 5, 7), np.float32)

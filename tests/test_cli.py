@@ -125,11 +125,23 @@ def truncated_dir(tiny_ref, tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def bad_vocab_dir(tiny_ref, tmp_path_factory):
+    """A copy of the tiny checkpoint with a vocab.json that is not JSON (read while the weights load)."""
+    directory = tmp_path_factory.mktemp("bad-vocab")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(tiny_ref.hub_dir / name, directory / name)
+    (directory / "vocab.json").write_text('{"!": 0,')
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return directory
+
+
 ERRORS = {
     "missing model dir": (["generate", PROMPT, "--model", "{tmp}/nowhere"], {},
                           r"{tmp}/nowhere: no such file or directory"),
     "truncated file": (["generate", PROMPT, "--model", "{truncated}"], {},
                        r"{truncated}/model\.safetensors: .*\(truncated file\)"),
+    "corrupt vocab.json": (["generate", PROMPT, "--model", "{bad_vocab}"], {}, r"{bad_vocab}/vocab\.json: malformed JSON"),
     "negative temperature": (["generate", PROMPT, "--model", "{model}", "--temperature", "-1"], {},
                              r"argument --temperature: must be a number >= 0, found -1"),
     "top-p 0": (["generate", PROMPT, "--model", "{model}", "--top-p", "0"], {},
@@ -153,10 +165,11 @@ ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_error_is_one_line(case, tiny_ref, truncated_dir, env, tmp_path):
+def test_error_is_one_line(case, tiny_ref, truncated_dir, bad_vocab_dir, env, tmp_path):
     """Every known error: non-zero exit, one line on stderr naming the problem, nothing on stdout."""
     args, kwargs, pattern = ERRORS[case]
-    places = {"tmp": tmp_path, "model": tiny_ref.hub_dir, "truncated": truncated_dir, "hub": env["HF_HUB_CACHE"]}
+    places = {"tmp": tmp_path, "model": tiny_ref.hub_dir, "truncated": truncated_dir, "bad_vocab": bad_vocab_dir,
+              "hub": env["HF_HUB_CACHE"]}
     args = [a.format(**places) for a in args]
     pattern = pattern.format(**{k: re.escape(str(v)) for k, v in places.items()})
     result = _run(env, *args, **kwargs)

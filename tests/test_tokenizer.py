@@ -9,6 +9,7 @@ Both references read the files in ../shared/data/gpt2-bpe; without them those te
 
 import hashlib
 import json
+import re
 import os
 import pathlib
 import shutil
@@ -250,6 +251,33 @@ def test_encoder_inconsistent_with_merges(tmp_path, corrupt):
     (tmp_path / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
     (tmp_path / "vocab.bpe").write_text("\n".join(merges), encoding="utf-8")
     with pytest.raises(TokenizerError, match=r"encoder\.json disagrees with .*vocab\.bpe"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["\u4e00", "\x7f", " "], ids=["above 255", "DEL", "space"])
+@pytest.mark.parametrize("where", ["vocab.bpe", "encoder.json"])
+def test_a_token_outside_the_byte_alphabet_is_named(tmp_path, where, bad):
+    """A token holding a character that stands for no byte (one above 255 the alphabet does not
+    use, or one below 256 it shifts away, such as DEL or space) is refused, naming the file, the
+    merge, the token and the character."""
+    encoder = json.loads(shared_file("encoder.json").read_text(encoding="utf-8"))
+    merges = shared_file("vocab.bpe").read_text(encoding="utf-8").split("\n")
+    if where == "vocab.bpe":
+        last = max(i for i, line in enumerate(merges) if line.strip())
+        first, second = merges[last].split()
+        merges[last] = f"{first} {second}{bad}" if bad != " " else f"{first} {second} x"
+        token, place = (f"{second}{bad}", "merge 50000") if bad != " " else (None, None)
+    else:
+        encoder[f"Ġthe{bad}"] = encoder.pop("Ġthe")
+        token, place = f"Ġthe{bad}", None
+    (tmp_path / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    (tmp_path / "vocab.bpe").write_text("\n".join(merges), encoding="utf-8")
+    if token is None:  # a space splits a merge line in three
+        expected = r"vocab\.bpe: line 50001 should hold two tokens"
+    else:
+        expected = (re.escape(f"{where}: {place + ': ' if place else ''}token {token!r} has character {bad!r}, ")
+                    + "which is not in the byte-level BPE alphabet")
+    with pytest.raises(TokenizerError, match=expected):
         Tokenizer.from_pretrained(tmp_path)
 
 
