@@ -664,8 +664,8 @@ def _prompt_attention_in_pool(address, q, k, v, key_mask, start, scale, out, sco
                               new_k, new_v, first_new):
     """`causal_attention` for T > 1 positions, into out: [B, T, H, D] C-contiguous: the
     (row, head) pairs cut into len(scores) parts run in Numba's threads, each with its own
-    scores: [parts, _QUERY_BLOCK * (start + T)]. Each pair's new keys and values, new_k, new_v:
-    [B, N, H, D] (N may be 0), go into k and v at first_new.. first.
+    scores: [parts, _QUERY_BLOCK * (start + T)]. Each pair's new keys and values (new_k, new_v:
+    [B, N, H, D], N may be 0) are first written into k and v at positions first_new onwards.
 
     For each pair, the queries in blocks, each against only the keys it can see (a causal
     prompt needs about half of the full T x S products): the block's scores by one ?gemm call,
