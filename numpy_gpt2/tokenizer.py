@@ -78,7 +78,7 @@ def _rank_ordered_bytes() -> list[int]:
 def _data_gym_table() -> dict[int, int | None]:
     """A `str.translate` table: each character of the alphabet -> the character whose code is
     its byte; any other character below 256 -> deleted, so that a token holding one comes out
-    short (one above 256 stays, and is not Latin-1)."""
+    short (one above 255 stays, and is not Latin-1)."""
     table = {code: None for code in range(256)}
     table.update({ord(c): b for c, b in _data_gym_alphabet().items()})
     return table
