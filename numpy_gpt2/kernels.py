@@ -631,8 +631,11 @@ def causal_attention(q, k, v, key_mask, start, scale, empty=np.empty, new_k=None
     Several positions (a prompt) go through two BLAS products around a Numba softmax.
     """
     B, T, H, D = q.shape
+    address = _GEMM_ADDRESS.get(q.dtype.type)
+    in_pool = (T > 1 and address is not None and q.dtype == k.dtype == v.dtype
+               and all(map(_blas_rows, (q[:, :, 0], k[:, 0], v[:, 0]))))
     first_new = start + T - (0 if new_k is None else new_k.shape[1])  # the position of new_k[:, 0]
-    if T == 1 and new_k is not None:
+    if new_k is not None and not in_pool:  # in the pool each thread writes its own heads
         k[:, :, first_new:start + T] = new_k.transpose(0, 2, 1, 3)
         v[:, :, first_new:start + T] = new_v.transpose(0, 2, 1, 3)
     if T == 1:
@@ -641,8 +644,7 @@ def causal_attention(q, k, v, key_mask, start, scale, empty=np.empty, new_k=None
         attend(np.ascontiguousarray(q), k, v, key_mask, start, q.dtype.type(scale), out)
         return out.reshape(B, T, H * D)
     out = empty((B, T, H, D), q.dtype)
-    address = _GEMM_ADDRESS.get(q.dtype.type)
-    if address is not None and q.dtype == k.dtype == v.dtype and all(map(_blas_rows, (q[:, :, 0], k[:, 0], v[:, 0]))):
+    if in_pool:
         block = min(T, _QUERY_BLOCK)
         no_new = q[:, :0]
         with blas_single_threaded_parts() as parts:
@@ -652,9 +654,6 @@ def causal_attention(q, k, v, key_mask, start, scale, empty=np.empty, new_k=None
                                       no_new if new_k is None else new_k, no_new if new_v is None else new_v,
                                       first_new)
     else:
-        if new_k is not None:
-            k[:, :, first_new:start + T] = new_k.transpose(0, 2, 1, 3)
-            v[:, :, first_new:start + T] = new_v.transpose(0, 2, 1, 3)
         run_in_parts(H, lambda h0, h1: _prompt_attention(q, k, v, key_mask, start, scale, h0, h1, out, empty))
     return out.reshape(B, T, H * D)
 
