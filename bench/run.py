@@ -8,8 +8,9 @@ Every engine runs in this one process, on the same prompts, the engines taking t
 each repeat so that a slow moment of the machine is shared out rather than landing on one
 engine; the median of the repeats is reported. Cold start and peak memory need a fresh
 process and run the command line in a subprocess. The table goes to stdout and to
-`bench/results/latest.md`; every raw timing goes to `bench/results/<UTC time>.json` and
-`latest.json`. See bench/README.md.
+`bench/results/latest.md`, every raw timing to `bench/results/latest.json` (both tracked) and
+to `bench/results/<UTC time>.json` (git-ignored, so a machine keeps its own history of runs).
+See bench/README.md.
 """
 
 import argparse
@@ -497,7 +498,8 @@ def bound_note(case: dict, bound: dict) -> str:
 
 
 def write_results(results: dict, out_dir: pathlib.Path, table: str) -> pathlib.Path:
-    """`<UTC time>.json`, `latest.json` and `latest.md` in `out_dir`, each written atomically."""
+    """`<UTC time>.json`, `latest.json` and `latest.md` in `out_dir`, each written atomically
+    (a temporary file, then a rename), so a run cut short leaves the last results whole."""
     from numpy_gpt2.fileio import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
