@@ -15,31 +15,31 @@ import pathlib
 
 import numpy as np
 
-from .errors import CheckpointError, GPT2Error
+from .errors import GPT2Error
 from .fileio import atomic_write_bytes
 from .tokenizer import find_tokenizer_files, packaged_files
 from .weights import Checkpoint, expected_shapes, load_checkpoint
+from .weights.dtypes import FILE_DTYPE_BY_NAME, encode
+from .weights.llmc import VERSIONS as LLMC_VERSIONS
 from .weights.llmc import write_llmc
-from .weights.safetensors_file import bfloat16_bits
-from .weights.safetensors_file import write as write_safetensors_file
 from .weights.resolve import resolve_model
+from .weights.safetensors_file import write as write_safetensors_file
 
 DTYPES = ("float32", "float16", "bfloat16")
-LLMC_DTYPES = ("float32", "bfloat16")
-# name in the file header -> NumPy dtype of the stored values
-_FILE_DTYPES = {"float32": ("F32", np.dtype("<f4")), "float16": ("F16", np.dtype("<f2")),
-                "bfloat16": ("BF16", np.dtype("<u2"))}
+LLMC_DTYPES = tuple(LLMC_VERSIONS.values())
 # Files whose presence means a directory already holds a model numpy-gpt2 or transformers reads.
 _MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "hparams.json")
 
 
-def convert(src, dst, dtype: str = "float32", n_head: int | None = None, force: bool = False) -> pathlib.Path:
+def convert(src, dst, dtype: str = "float32", n_head: int | None = None, force: bool = False,
+            verify: bool = False) -> pathlib.Path:
     """Convert the checkpoint `src` (any format `load_checkpoint` reads, or a model name) to `dst`.
 
     `dst` ending in `.bin` is written as an llm.c checkpoint (float32 or bfloat16); anything
     else is a Hugging Face directory (created if needed). `dtype` is the stored dtype:
     float32, float16 (half the size) or bfloat16. `dst` must not already hold a model unless
-    `force`. Every file is written atomically. Returns the path written.
+    `force`. `verify` checks the source first as `load_checkpoint(verify=True)` does (every
+    TensorFlow tensor's crc32c). Every file is written atomically. Returns the path written.
     """
     if dtype not in DTYPES:
         raise GPT2Error(f"dtype must be one of {', '.join(DTYPES)}, found {dtype!r}")
@@ -53,9 +53,9 @@ def convert(src, dst, dtype: str = "float32", n_head: int | None = None, force: 
         raise GPT2Error(f"{dst}: llm.c stores {' or '.join(LLMC_DTYPES)}, not {dtype}")
     _check_destination(dst, to_llmc, force)
 
-    checkpoint = load_checkpoint(src, n_head=n_head)
+    checkpoint = load_checkpoint(src, n_head=n_head, verify=verify)
     if to_llmc:
-        write_llmc(checkpoint, None, dst, dtype)
+        write_llmc(checkpoint, dst, dtype)
         return dst
     dst.mkdir(parents=True, exist_ok=True)
     write_safetensors(checkpoint, dst / "model.safetensors", dtype)
@@ -85,23 +85,13 @@ def _check_destination(dst: pathlib.Path, to_llmc: bool, force: bool) -> None:
 
 def write_safetensors(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:
     """Write `checkpoint`'s tensors as a .safetensors file of `dtype`, atomically, in the hub layout."""
-    file_dtype = _FILE_DTYPES[dtype][0]
+    file_dtype = FILE_DTYPE_BY_NAME[dtype]
     specs = {name: (file_dtype, shape) for name, shape in expected_shapes(checkpoint.config).items()}
-    write_safetensors_file(path, specs, lambda name: _encode(checkpoint.array(name, np.float32), dtype, name, path),
-                           metadata={"format": "pt"})
 
+    def stored(name):
+        return encode(checkpoint.array(name, np.float32), file_dtype, path, name)
 
-def _encode(array: np.ndarray, dtype: str, name: str, path) -> np.ndarray:
-    """A float32 tensor as the C-contiguous values stored for `dtype`; overflow is an error."""
-    if dtype == "bfloat16":
-        out = bfloat16_bits(array)
-    else:
-        with np.errstate(over="ignore"):
-            out = np.ascontiguousarray(array, dtype=_FILE_DTYPES[dtype][1])
-    if dtype == "float16" and not np.isfinite(out).all() and np.isfinite(array).all():
-        big = float(np.abs(array).max())
-        raise CheckpointError(f"{path}: tensor {name} has a value of magnitude {big:g}, beyond float16's 65504")
-    return out
+    write_safetensors_file(path, specs, stored, metadata={"format": "pt"})
 
 
 def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from numpy_gpt2.errors import CheckpointError, ModelNotFoundError
-from numpy_gpt2.weights import tf_checkpoint
+from numpy_gpt2.weights.crc32c import crc32c
+from numpy_gpt2.weights.tf_bundle import TensorBundle
 from numpy_gpt2.weights.tf_checkpoint import is_tf_checkpoint_dir, load_tf_checkpoint
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
@@ -71,7 +72,7 @@ def test_reference_crc32c_check_value():
 @pytest.mark.parametrize("n", [0, 1, 9, 4095, 65535, 65536, 65537, 4096 * 3 + 7, 262147])
 def test_crc32c_matches_reference(n):
     data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
-    assert tf_checkpoint._crc32c(data) == _crc32c_reference(data)
+    assert crc32c(data) == _crc32c_reference(data)
 
 
 # --- Reading the fixture. ---------------------------------------------------------------------
@@ -133,7 +134,7 @@ def test_logits_match_transformers(fixture_dir):
 
 
 def test_raw_bundle_names_and_conv1d_squeeze(fixture_dir):
-    raw = tf_checkpoint.read_tensor_bundle(fixture_dir / "model.ckpt")
+    raw = TensorBundle(fixture_dir / "model.ckpt").read()
     assert raw["model/h0/attn/c_attn/w"].shape == (1, C, 3 * C)  # OpenAI's Conv1D layout
     assert raw["model/wte"].shape == (V, C) and raw["model/h1/mlp/c_proj/w"].shape == (1, 4 * C, C)
     _, tensors = load_tf_checkpoint(fixture_dir)

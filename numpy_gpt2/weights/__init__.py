@@ -1,178 +1,34 @@
-"""Checkpoint loading: one reader per format, all ending in the same validated dict of arrays.
+"""Checkpoint loading: one reader per format, all ending in the same validated Checkpoint.
 
-Every reader produces tensors under the names of the official Hugging Face file
-(openai-community/gpt2 `model.safetensors`): `wte.weight` [V, C], `wpe.weight` [P, C],
-`h.{i}.ln_1.weight` [C], `h.{i}.attn.c_attn.weight` [C, 3C], ..., `ln_f.bias` [C], with the
-"Conv1D" weights stored [in, out] so that y = x @ W + b. `validate` checks them against the
-config; `load_checkpoint` is the one entry point the model uses.
+This package front only dispatches: `load_checkpoint` tells the format of a path apart and
+hands it to its reader. The modules behind it:
+
+    checkpoint.py        Checkpoint, the official names and shapes, validation, config inference,
+                         the file pages behind the arrays
+    dtypes.py            the one table of file dtypes and the conversions between them
+    safetensors_file.py  Hugging Face .safetensors, read memory-mapped and written
+    tf_checkpoint.py     OpenAI's TensorFlow checkpoint directory (tf_bundle.py, crc32c.py beneath)
+    llmc.py              karpathy/llm.c's .bin, read and written
+    torch_state.py       PyTorch state dicts, Hugging Face's or nanoGPT's (needs torch)
+    resolve.py           a model name -> the directory that holds it
+
+Submodules never import this front; the readers of rarer formats are imported when first asked
+for, so loading a .safetensors file imports only what it uses.
 """
 
-import dataclasses
-import mmap
 import os
-import re
 
-import numpy as np
+from ..config import GPT2Config
+from ..errors import ModelNotFoundError
+from .checkpoint import (Checkpoint, expected_shapes, infer_config, mapped_file, official_names, release_pages,
+                         validate)
+from .safetensors_file import load_safetensors
 
-from ..config import PRESETS, GPT2Config
-from ..errors import CheckpointError, ModelNotFoundError
-from . import safetensors_file
-
-_FLOAT_FILE_DTYPES = ("F32", "F16", "BF16", "F64")
-_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """Validated weights: `tensors` maps official names to arrays in the file's dtype.
-
-    `file_dtypes` gives each tensor's dtype string in the file ("F32", "BF16", ...), `path` the
-    file the tensors came from (for messages and `info`).
-    """
-
-    config: GPT2Config
-    tensors: dict
-    file_dtypes: dict
-    path: str
-
-    def array(self, name: str, dtype) -> np.ndarray:
-        """Tensor `name` as float `dtype`: a view of the file when it already has that dtype."""
-        return safetensors_file.to_float(self.tensors[name], self.file_dtypes[name], np.dtype(dtype))
+__all__ = ["Checkpoint", "expected_shapes", "infer_config", "load_checkpoint", "load_safetensors", "mapped_file",
+           "official_names", "release_pages", "validate"]
 
 
-def mapped_file(array: np.ndarray) -> mmap.mmap | None:
-    """The read-only map of a file that `array` is a view of, else None (ordinary memory, or a
-    writable map, which may hold changes of its own)."""
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    if base is None or np.frombuffer(base, dtype=np.uint8).flags.writeable:
-        return None
-    return base
-
-
-def release_pages(array: np.ndarray) -> None:
-    """Hand the pages of `array` back to the OS when it is a view of a read-only mapped file.
-
-    For a model that copies a tensor out of the file (into another layout or dtype), the pages
-    it read would otherwise stay in the process's resident set beside the copy until the file
-    is unmapped. They stay in the OS's page cache, and reading the view again brings them back.
-    Anything else (an array in ordinary memory, a writable map, a system without madvise) is
-    left alone.
-    """
-    mapped = mapped_file(array)
-    if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
-        return
-    begin = array.ctypes.data - np.frombuffer(mapped, dtype=np.uint8).ctypes.data
-    page = mmap.PAGESIZE
-    first, last = -(-begin // page) * page, (begin + array.nbytes) // page * page  # whole pages inside
-    if last > first:
-        mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
-
-
-def expected_shapes(config: GPT2Config) -> dict:
-    """Official tensor name -> shape for `config`."""
-    C, F = config.n_embd, config.inner_dim
-    shapes = {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.n_positions, C)}
-    for i in range(config.n_layer):
-        p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
-            p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,),
-            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-            p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-            p + "mlp.c_fc.weight": (C, F), p + "mlp.c_fc.bias": (F,),
-            p + "mlp.c_proj.weight": (F, C), p + "mlp.c_proj.bias": (C,),
-        })
-    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
-    return shapes
-
-
-def official_names(tensors: dict, path: str) -> dict:
-    """Map a Hugging Face state dict onto the official names.
-
-    Accepts the hub layout (no prefix, with `h.{i}.attn.bias` mask buffers) and the
-    `save_pretrained` layout (a `transformer.` prefix, perhaps `lm_head.weight`). The mask
-    buffers are dropped; `lm_head.weight` is kept under that name for `validate` to check.
-    """
-    if "wte.weight" in tensors:
-        renamed = dict(tensors)
-    elif "transformer.wte.weight" in tensors:
-        renamed = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    else:
-        sample = ", ".join(sorted(tensors)[:4]) or "no tensors"
-        raise CheckpointError(
-            f"{path}: unknown checkpoint layout: found {sample}; expected GPT-2 names such as "
-            "wte.weight and h.0.attn.c_attn.weight, with or without a 'transformer.' prefix"
-        )
-    return {k: v for k, v in renamed.items() if not _IGNORED.fullmatch(k)}
-
-
-def validate(config: GPT2Config, tensors: dict, file_dtypes: dict, path: str) -> None:
-    """Check that `tensors` (official names) are exactly what `config` needs.
-
-    Raises CheckpointError naming the file, the tensor, and the expected and found shape.
-    """
-    expected = expected_shapes(config)
-    missing = [name for name in expected if name not in tensors]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{path}: missing tensor {', '.join(missing[:3])}{more}")
-    extra = [name for name in tensors if name not in expected and name != "lm_head.weight"]
-    if extra:
-        raise CheckpointError(f"{path}: unknown tensor {extra[0]} for a GPT-2 with n_layer={config.n_layer}")
-    expected["lm_head.weight"] = expected["wte.weight"]
-    for name, array in tensors.items():
-        if tuple(array.shape) != expected[name]:
-            raise CheckpointError(
-                f"{path}: tensor {name} has shape {tuple(array.shape)}, expected {expected[name]} "
-                f"from config n_embd={config.n_embd} n_layer={config.n_layer} "
-                f"vocab_size={config.vocab_size} n_positions={config.n_positions}"
-            )
-        if file_dtypes[name] not in _FLOAT_FILE_DTYPES:
-            raise CheckpointError(
-                f"{path}: tensor {name} has dtype {file_dtypes[name]}, expected one of "
-                f"{', '.join(_FLOAT_FILE_DTYPES)}"
-            )
-
-
-def infer_config(tensors: dict, path: str, n_head: int | None = None) -> GPT2Config:
-    """A config from the tensor shapes alone, for a bare .safetensors file.
-
-    Shapes give every size but the number of heads: that comes from `n_head`, or from the
-    preset (gpt2, gpt2-medium, ...) whose n_embd and n_layer match.
-    """
-    vocab_size, n_embd = tensors["wte.weight"].shape
-    n_positions = tensors["wpe.weight"].shape[0]
-    layers = {int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}
-    n_layer = max(layers) + 1 if layers else 0
-    fc = tensors.get("h.0.mlp.c_fc.weight")
-    n_inner = fc.shape[1] if fc is not None and fc.shape[1] != 4 * n_embd else None
-    if n_head is None:
-        matches = [p["n_head"] for p in PRESETS.values() if (p["n_embd"], p["n_layer"]) == (n_embd, n_layer)]
-        if not matches:
-            raise CheckpointError(
-                f"{path}: no config.json beside it and no preset has n_embd={n_embd}, n_layer={n_layer}; "
-                "give the number of heads (--n-head / n_head=) or put a config.json beside the file"
-            )
-        n_head = matches[0]
-    return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
-                      n_layer=n_layer, n_head=n_head, n_inner=n_inner)
-
-
-def load_safetensors(path: str, config: GPT2Config | None = None, n_head: int | None = None) -> Checkpoint:
-    """Open a .safetensors GPT-2 file memory-mapped; the config is inferred when not given."""
-    st = safetensors_file.SafetensorsFile(path)
-    tensors = official_names(st.tensors, path)
-    file_dtypes = {name: st.dtypes.get(name, st.dtypes.get("transformer." + name)) for name in tensors}
-    if config is None:
-        config = infer_config(tensors, path, n_head)
-    validate(config, tensors, file_dtypes, path)
-    tensors.pop("lm_head.weight", None)
-    return Checkpoint(config, tensors, file_dtypes, path)
-
-
-def load_checkpoint(path: str | os.PathLike, n_head: int | None = None) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, n_head: int | None = None, verify: bool = False) -> Checkpoint:
     """Load and validate the checkpoint at `path`.
 
     `path` is a directory holding config.json + model.safetensors (Hugging Face, or
@@ -180,26 +36,26 @@ def load_checkpoint(path: str | os.PathLike, n_head: int | None = None) -> Check
     checkpoint (hparams.json, model.ckpt.*), an llm.c .bin file (told apart by its magic), a
     PyTorch .bin/.pt/.pth state dict (Hugging Face or nanoGPT; needs torch), or a single
     .safetensors file (config.json beside it, else inferred from the shapes and `n_head`).
+
+    Every load checks each tensor's size and place against the file's header or index.
+    `verify=True` also checks the tensors' bytes where the format stores a checksum: the
+    crc32c of every TensorFlow tensor, which reads the whole file. The other formats store
+    none, so for them it adds nothing to those checks.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         st_path = os.path.join(path, "model.safetensors")
-        config_path = os.path.join(path, "config.json")
+        torch_path = os.path.join(path, "pytorch_model.bin")
         if os.path.isfile(st_path):
-            config = GPT2Config.from_json(config_path) if os.path.isfile(config_path) else None
-            return load_safetensors(st_path, config, n_head)
-        if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-            from . import torch_state
+            return load_safetensors(st_path, _config_in(path), n_head)
+        if os.path.isfile(torch_path):
+            from .torch_state import load_torch_checkpoint
 
-            config = GPT2Config.from_json(config_path) if os.path.isfile(config_path) else None
-            return torch_state.load_torch_checkpoint(os.path.join(path, "pytorch_model.bin"), config, n_head)
+            return load_torch_checkpoint(torch_path, _config_in(path), n_head)
         from . import tf_checkpoint
 
         if tf_checkpoint.is_tf_checkpoint_dir(path):
-            config, tensors = tf_checkpoint.load_tf_checkpoint(path)
-            file_dtypes = {name: _numpy_to_file_dtype(a.dtype, path, name) for name, a in tensors.items()}
-            validate(config, tensors, file_dtypes, path)
-            return Checkpoint(config, tensors, file_dtypes, path)
+            return tf_checkpoint.load_tf(path, verify)
         raise ModelNotFoundError(
             f"{path}: no checkpoint in this directory; expected config.json + model.safetensors "
             "(Hugging Face) or hparams.json + model.ckpt.index + model.ckpt.data-* (OpenAI)"
@@ -210,15 +66,13 @@ def load_checkpoint(path: str | os.PathLike, n_head: int | None = None) -> Check
 
     if llmc.is_llmc_file(path):
         return llmc.load_llmc(path)
-    config_path = os.path.join(os.path.dirname(path), "config.json")
-    config = GPT2Config.from_json(config_path) if os.path.isfile(config_path) else None
+    config = _config_in(os.path.dirname(path))
     if path.endswith(torch_state.SUFFIXES):
         return torch_state.load_torch_checkpoint(path, config, n_head)
     return load_safetensors(path, config, n_head)
 
 
-def _numpy_to_file_dtype(dtype, path, name):
-    names = {np.dtype("f4"): "F32", np.dtype("f2"): "F16", np.dtype("f8"): "F64"}
-    if dtype not in names:
-        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, expected a float type")
-    return names[dtype]
+def _config_in(directory: str) -> GPT2Config | None:
+    """The config.json of `directory`, or None when it has none (the reader infers one)."""
+    config_path = os.path.join(directory, "config.json")
+    return GPT2Config.from_json(config_path) if os.path.isfile(config_path) else None

@@ -21,14 +21,13 @@ import numpy as np
 from ..config import GPT2Config
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_path
-from . import Checkpoint, expected_shapes, validate
-from .safetensors_file import bfloat16_bits
+from .checkpoint import Checkpoint, validate
+from .dtypes import FILE_DTYPE_BY_NAME, STORAGE, encode
 
 MAGIC = 20240326
 HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS
 VERSIONS = {3: "float32", 5: "bfloat16"}
-_FILE_DTYPES = {"float32": ("F32", np.dtype("<f4")), "bfloat16": ("BF16", np.dtype("<u2"))}
 _VOCAB_MULTIPLE = 128
 # llm.c hard-codes these parts of GPT-2 (layernorm_forward's eps, the 4C MLP, 1/sqrt(D) scores).
 _LLMC_EPS = 1e-5
@@ -77,13 +76,6 @@ def _shapes(config: GPT2Config, vp: int):
     return [(name, tuple(sizes[s] for s in shape), transposed) for name, shape, transposed in _LAYOUT]
 
 
-def _encode(array: np.ndarray, dtype: str) -> np.ndarray:
-    """A float array as the C-contiguous little-endian values llm.c stores for `dtype`."""
-    if dtype == "bfloat16":
-        return bfloat16_bits(array)
-    return np.ascontiguousarray(array, dtype="<f4")
-
-
 def load_llmc(path: str | os.PathLike) -> Checkpoint:
     """Memory-map an llm.c GPT-2 checkpoint as a validated Checkpoint under the official names.
 
@@ -112,7 +104,8 @@ def load_llmc(path: str | os.PathLike) -> Checkpoint:
     if vp < vocab:
         raise CheckpointError(f"{path}: llm.c header has padded vocab {vp}, smaller than the vocab {vocab}")
 
-    file_dtype, dtype = _FILE_DTYPES[VERSIONS[version]]
+    file_dtype = FILE_DTYPE_BY_NAME[VERSIONS[version]]
+    dtype = STORAGE[file_dtype]
     layout = _shapes(config, vp)
     counts = [int(np.prod(shape)) * (n_layer if "{i}" in name else 1) for name, shape, _ in layout]
     expected = HEADER_BYTES + sum(counts) * dtype.itemsize
@@ -156,29 +149,18 @@ def check_writable(config: GPT2Config, path: str | os.PathLike) -> None:
         raise ConfigError(f"{os.fspath(path)}: llm.c cannot represent this model: {'; '.join(problems)}")
 
 
-def write_llmc(weights, config: GPT2Config | None, path: str | os.PathLike, dtype: str = "float32") -> None:
-    """Write an llm.c checkpoint (version 3 float32 or 5 bfloat16) to `path`, atomically.
+def write_llmc(checkpoint: Checkpoint, path: str | os.PathLike, dtype: str = "float32") -> None:
+    """Write `checkpoint` as an llm.c checkpoint (version 3 float32 or 5 bfloat16) at `path`, atomically.
 
-    `weights` is a Checkpoint (then `config` may be None) or a dict of official name -> float
-    array [in, out]. The matmul weights are written transposed to llm.c's [out, in], wte padded
-    with zero rows to Vp; one tensor is converted at a time, so memory stays at one tensor.
+    The matmul weights are written transposed to llm.c's [out, in], wte padded with zero rows
+    to Vp; one tensor is converted at a time, so memory stays at one tensor.
     """
     path = os.fspath(path)
-    if dtype not in _FILE_DTYPES:
-        raise ConfigError(f"llm.c dtype must be one of {', '.join(_FILE_DTYPES)}, found {dtype!r}")
-    is_checkpoint = isinstance(weights, Checkpoint)
-    tensors = weights.tensors if is_checkpoint else weights
-    if is_checkpoint:
-        config = config or weights.config
-    if config is None:
-        raise ConfigError(f"{path}: writing llm.c needs the config of the tensors")
+    if dtype not in VERSIONS.values():
+        raise ConfigError(f"llm.c dtype must be one of {', '.join(VERSIONS.values())}, found {dtype!r}")
+    config = checkpoint.config
     check_writable(config, path)
-    expected = expected_shapes(config)
-    for name, shape in expected.items():
-        if name not in tensors or tuple(tensors[name].shape) != shape:
-            found = tuple(tensors[name].shape) if name in tensors else "nothing"
-            raise CheckpointError(f"{path}: cannot write tensor {name}: expected shape {shape}, found {found}")
-    file_dtype = _FILE_DTYPES[dtype][1]
+    file_dtype = FILE_DTYPE_BY_NAME[dtype]
     version = next(v for v, d in VERSIONS.items() if d == dtype)
     vp = padded_vocab(config.vocab_size)
     header = np.zeros(HEADER_INTS, dtype="<i4")
@@ -189,9 +171,9 @@ def write_llmc(weights, config: GPT2Config | None, path: str | os.PathLike, dtyp
         f.write(header.tobytes())
         for name, _, transposed in _LAYOUT:
             for one in [name.format(i=i) for i in range(config.n_layer)] if "{i}" in name else [name]:
-                a = weights.array(one, np.float32) if is_checkpoint else np.asarray(tensors[one], np.float32)
-                f.write(_encode(a.T if transposed else a, dtype).data)
+                a = checkpoint.array(one, np.float32)
+                f.write(encode(a.T if transposed else a, file_dtype, path, one).data)
             if name == "wte.weight":
-                f.write(np.zeros((vp - config.vocab_size, config.n_embd), file_dtype).data)
+                f.write(np.zeros((vp - config.vocab_size, config.n_embd), STORAGE[file_dtype]).data)
         f.flush()
         os.fsync(f.fileno())

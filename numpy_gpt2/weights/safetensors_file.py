@@ -4,8 +4,9 @@ The format: an 8-byte little-endian header length N, N bytes of JSON mapping eac
 {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the data that follows), and an
 optional "__metadata__" entry. We parse it ourselves so that float32 tensors come back as
 read-only views of one `np.memmap` (no copy, pages loaded on first use) and so that a truncated
-or corrupt file is reported as such. `write` is the one writer of the format, streaming one
-tensor at a time, bfloat16 included (as its raw bits).
+or corrupt file is reported as such. `load_safetensors` turns a GPT-2 file into a validated
+Checkpoint. `write` is the one writer of the format, streaming one tensor at a time, bfloat16
+included (as its raw bits).
 """
 
 import json
@@ -14,21 +15,25 @@ import struct
 
 import numpy as np
 
+from ..config import GPT2Config
 from ..errors import CheckpointError
 from ..fileio import atomic_path
+from .checkpoint import Checkpoint, infer_config, official_names, validate
+from .dtypes import STORAGE, file_dtype_of
 
-# bfloat16 has no NumPy dtype: it is read as uint16 and widened to float32 (see `to_float`).
-_DTYPES = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
-}
 _MAX_HEADER = 100 * 1024 * 1024
+
+
+def load_safetensors(path: str, config: GPT2Config | None = None, n_head: int | None = None) -> Checkpoint:
+    """Open a .safetensors GPT-2 file memory-mapped; the config is inferred when not given."""
+    st = SafetensorsFile(path)
+    tensors = official_names(st.tensors, path)
+    file_dtypes = {name: st.dtypes.get(name, st.dtypes.get("transformer." + name)) for name in tensors}
+    if config is None:
+        config = infer_config(tensors, path, n_head)
+    validate(config, tensors, file_dtypes, path)
+    tensors.pop("lm_head.weight", None)
+    return Checkpoint(config, tensors, file_dtypes, path)
 
 
 class SafetensorsFile:
@@ -78,14 +83,14 @@ def _read(path):
                 f"{path}: tensor {name} ends at byte {data_start + end} but the file has "
                 f"{size} bytes (truncated file)"
             )
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize:
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * STORAGE[dtype].itemsize:
             raise CheckpointError(
                 f"{path}: tensor {name} has {end - begin} bytes, expected "
-                f"{int(np.prod(shape))} x {_DTYPES[dtype].itemsize} for shape {tuple(shape)} {dtype}"
+                f"{int(np.prod(shape))} x {STORAGE[dtype].itemsize} for shape {tuple(shape)} {dtype}"
             )
         chunk = raw[data_start + begin:data_start + end]
         dtypes[name] = dtype
-        tensors[name] = chunk.view(_DTYPES[dtype]).reshape(shape)
+        tensors[name] = chunk.view(STORAGE[dtype]).reshape(shape)
     return metadata, dtypes, tensors
 
 
@@ -96,32 +101,11 @@ def _entry(path, name, info):
         begin, end = (int(n) for n in info["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: corrupt header entry for tensor {name}: {info!r}") from None
-    if dtype not in _DTYPES:
+    if dtype not in STORAGE:
         raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
     if begin < 0 or end < begin or any(n < 0 for n in shape):
         raise CheckpointError(f"{path}: corrupt header entry for tensor {name}: {info!r}")
     return dtype, shape, begin, end
-
-
-def to_float(array, file_dtype, dtype):
-    """The tensor as `dtype` (float32 or float64); a view when no conversion is needed."""
-    if file_dtype == "BF16":
-        # bfloat16 is the top half of a float32: widen the bits, then reinterpret.
-        array = (array.astype(np.uint32) << 16).view(np.float32)
-    return array if array.dtype == dtype else array.astype(dtype)
-
-
-def bfloat16_bits(array: np.ndarray) -> np.ndarray:
-    """float -> the uint16 bits of bfloat16, rounded to nearest even (as torch rounds).
-
-    NumPy has no bfloat16; bfloat16 is the top half of a float32, so files store those bits.
-    """
-    x = np.ascontiguousarray(array, dtype=np.float32)
-    bits = x.view(np.uint32)
-    # Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, then drop 16 bits.
-    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    # A NaN would round into infinity or wrap around: keep its sign and make it a quiet NaN.
-    return np.where(np.isnan(x), ((bits >> 16) | np.uint32(0x0040)).astype(np.uint16), rounded)
 
 
 def write(path, specs: dict, produce, metadata: dict | None = None) -> None:
@@ -134,7 +118,7 @@ def write(path, specs: dict, produce, metadata: dict | None = None) -> None:
     """
     header, offset = {"__metadata__": metadata or {}}, 0
     for name, (file_dtype, shape) in specs.items():
-        size = int(np.prod(shape, dtype=np.int64)) * _DTYPES[file_dtype].itemsize
+        size = int(np.prod(shape, dtype=np.int64)) * STORAGE[file_dtype].itemsize
         header[name] = {"dtype": file_dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -144,7 +128,7 @@ def write(path, specs: dict, produce, metadata: dict | None = None) -> None:
         f.write(header_bytes)
         for name, (file_dtype, shape) in specs.items():
             array = produce(name)
-            if array.dtype != _DTYPES[file_dtype] or array.shape != tuple(shape):
+            if array.dtype != STORAGE[file_dtype] or array.shape != tuple(shape):
                 raise ValueError(f"tensor {name}: produced {array.dtype} {array.shape}, declared {file_dtype} {shape}")
             f.write(np.ascontiguousarray(array).data)
         f.flush()
@@ -153,6 +137,5 @@ def write(path, specs: dict, produce, metadata: dict | None = None) -> None:
 
 def write_arrays(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write name -> array (float32, float16, float64 or integer) as a .safetensors file."""
-    names = {dtype: name for name, dtype in _DTYPES.items() if name != "BF16"}
-    specs = {name: (names[np.dtype(a.dtype).newbyteorder("<")], a.shape) for name, a in tensors.items()}
+    specs = {name: (file_dtype_of(a.dtype), a.shape) for name, a in tensors.items()}
     write(path, specs, tensors.__getitem__, metadata)

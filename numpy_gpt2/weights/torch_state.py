@@ -23,7 +23,8 @@ import numpy as np
 
 from ..config import GPT2Config
 from ..errors import CheckpointError, ConfigError
-from . import Checkpoint, infer_config, official_names, validate
+from .checkpoint import Checkpoint, infer_config, official_names, validate
+from .dtypes import FILE_DTYPE_BY_NAME
 
 SUFFIXES = (".bin", ".pt", ".pth")
 NEEDS_TORCH = "reading a PyTorch .bin/.pt needs torch: pip install torch, or convert it where torch is installed"
@@ -64,12 +65,12 @@ def _to_numpy(tensor, path: str, name: str) -> tuple[np.ndarray, str]:
     if not isinstance(tensor, torch.Tensor):
         raise CheckpointError(f"{path}: entry {name} is a {type(tensor).__name__}, expected a tensor")
     tensor = tensor.detach()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(np.uint16), "BF16"
-    names = {torch.float32: "F32", torch.float16: "F16", torch.float64: "F64"}
-    if tensor.dtype not in names:
+    file_dtype = FILE_DTYPE_BY_NAME.get(str(tensor.dtype).removeprefix("torch."))
+    if file_dtype is None:
         raise CheckpointError(f"{path}: tensor {name} has dtype {tensor.dtype}, expected a float type")
-    return tensor.numpy(), names[tensor.dtype]
+    if file_dtype == "BF16":  # NumPy has no bfloat16: hand over its bits
+        return tensor.view(torch.int16).numpy().view(np.uint16), file_dtype
+    return tensor.numpy(), file_dtype
 
 
 def _state_dict(obj, path: str) -> tuple[dict, dict | None]:

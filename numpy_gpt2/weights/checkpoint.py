@@ -1,0 +1,159 @@
+"""The validated weights every reader returns, the shapes GPT-2 needs, and the file pages behind them.
+
+Every reader produces tensors under the names of the official Hugging Face file
+(openai-community/gpt2 `model.safetensors`): `wte.weight` [V, C], `wpe.weight` [P, C],
+`h.{i}.ln_1.weight` (gamma) and `.bias` (beta) [C], `h.{i}.attn.c_attn.weight` [C, 3C], ...,
+`ln_f.bias` [C], with the "Conv1D" weights stored [in, out] so that y = x @ W + b.
+`official_names` maps a state dict's layout onto them, `validate` checks them against the
+config, `infer_config` reads a config off their shapes when no config.json is given.
+"""
+
+import dataclasses
+import mmap
+import re
+
+import numpy as np
+
+from ..config import PRESETS, GPT2Config
+from ..errors import CheckpointError
+from .dtypes import FLOATS, to_float
+
+_MASK_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Validated weights: `tensors` maps official names to arrays in the file's dtype.
+
+    `file_dtypes` gives each tensor's dtype string in the file ("F32", "BF16", ...), `path` the
+    file the tensors came from (for messages and `info`).
+    """
+
+    config: GPT2Config
+    tensors: dict
+    file_dtypes: dict
+    path: str
+
+    def array(self, name: str, dtype) -> np.ndarray:
+        """Tensor `name` as float `dtype`: a view of the file when it already has that dtype."""
+        return to_float(self.tensors[name], self.file_dtypes[name], np.dtype(dtype))
+
+
+def mapped_file(array: np.ndarray) -> mmap.mmap | None:
+    """The read-only map of a file that `array` is a view of, else None (ordinary memory, or a
+    writable map, which may hold changes of its own)."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or np.frombuffer(base, dtype=np.uint8).flags.writeable:
+        return None
+    return base
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Hand the pages of `array` back to the OS when it is a view of a read-only mapped file.
+
+    For a model that copies a tensor out of the file (into another layout or dtype), the pages
+    it read would otherwise stay in the process's resident set beside the copy until the file
+    is unmapped. They stay in the OS's page cache, and reading the view again brings them back.
+    Anything else (an array in ordinary memory, a writable map, a system without madvise) is
+    left alone.
+    """
+    mapped = mapped_file(array)
+    if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
+        return
+    begin = array.ctypes.data - np.frombuffer(mapped, dtype=np.uint8).ctypes.data
+    page = mmap.PAGESIZE
+    first, last = -(-begin // page) * page, (begin + array.nbytes) // page * page  # whole pages inside
+    if last > first:
+        mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def expected_shapes(config: GPT2Config) -> dict:
+    """Official tensor name -> shape for `config`."""
+    C, F = config.n_embd, config.inner_dim
+    shapes = {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.n_positions, C)}
+    for i in range(config.n_layer):
+        p = f"h.{i}."
+        shapes.update({
+            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
+            p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,),
+            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
+            p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
+            p + "mlp.c_fc.weight": (C, F), p + "mlp.c_fc.bias": (F,),
+            p + "mlp.c_proj.weight": (F, C), p + "mlp.c_proj.bias": (C,),
+        })
+    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    return shapes
+
+
+def official_names(tensors: dict, path: str) -> dict:
+    """Map a Hugging Face state dict onto the official names.
+
+    Accepts the hub layout (no prefix, with `h.{i}.attn.bias` mask buffers) and the
+    `save_pretrained` layout (a `transformer.` prefix, perhaps `lm_head.weight`). The mask
+    buffers are dropped; `lm_head.weight` is kept under that name for `validate` to check.
+    """
+    if "wte.weight" in tensors:
+        renamed = dict(tensors)
+    elif "transformer.wte.weight" in tensors:
+        renamed = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    else:
+        sample = ", ".join(sorted(tensors)[:4]) or "no tensors"
+        raise CheckpointError(
+            f"{path}: unknown checkpoint layout: found {sample}; expected GPT-2 names such as "
+            "wte.weight and h.0.attn.c_attn.weight, with or without a 'transformer.' prefix"
+        )
+    return {k: v for k, v in renamed.items() if not _MASK_BUFFERS.fullmatch(k)}
+
+
+def validate(config: GPT2Config, tensors: dict, file_dtypes: dict, path: str) -> None:
+    """Check that `tensors` (official names) are exactly what `config` needs.
+
+    Raises CheckpointError naming the file, the tensor, and the expected and found shape.
+    """
+    expected = expected_shapes(config)
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{path}: missing tensor {', '.join(missing[:3])}{more}")
+    extra = [name for name in tensors if name not in expected and name != "lm_head.weight"]
+    if extra:
+        raise CheckpointError(f"{path}: unknown tensor {extra[0]} for a GPT-2 with n_layer={config.n_layer}")
+    expected["lm_head.weight"] = expected["wte.weight"]
+    for name, array in tensors.items():
+        if tuple(array.shape) != expected[name]:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(array.shape)}, expected {expected[name]} "
+                f"from config n_embd={config.n_embd} n_layer={config.n_layer} "
+                f"vocab_size={config.vocab_size} n_positions={config.n_positions}"
+            )
+        if file_dtypes[name] not in FLOATS:
+            raise CheckpointError(
+                f"{path}: tensor {name} has dtype {file_dtypes[name]}, expected one of "
+                f"{', '.join(FLOATS)}"
+            )
+
+
+def infer_config(tensors: dict, path: str, n_head: int | None = None) -> GPT2Config:
+    """A config from the tensor shapes alone, for a bare .safetensors file.
+
+    Shapes give every size but the number of heads: that comes from `n_head`, or from the
+    preset (gpt2, gpt2-medium, ...) whose n_embd and n_layer match.
+    """
+    vocab_size, n_embd = tensors["wte.weight"].shape
+    n_positions = tensors["wpe.weight"].shape[0]
+    layers = {int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}
+    n_layer = max(layers) + 1 if layers else 0
+    fc = tensors.get("h.0.mlp.c_fc.weight")
+    n_inner = fc.shape[1] if fc is not None and fc.shape[1] != 4 * n_embd else None
+    if n_head is None:
+        matches = [p["n_head"] for p in PRESETS.values() if (p["n_embd"], p["n_layer"]) == (n_embd, n_layer)]
+        if not matches:
+            raise CheckpointError(
+                f"{path}: no config.json beside it and no preset has n_embd={n_embd}, n_layer={n_layer}; "
+                "give the number of heads (--n-head / n_head=) or put a config.json beside the file"
+            )
+        n_head = matches[0]
+    return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
+                      n_layer=n_layer, n_head=n_head, n_inner=n_inner)
