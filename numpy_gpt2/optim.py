@@ -1,0 +1,179 @@
+"""AdamW, clipping by global norm, and the learning-rate schedule, as torch and nanoGPT have them.
+
+Parameters and gradients are dicts of official names (`wte.weight`, `h.0.attn.c_attn.weight`,
+...) -> arrays, as `GPT2.parameters()` and `GPT2.loss_and_grads` give them. Every update is
+in place, element-wise, in the parameters' dtype; nothing here needs Numba.
+"""
+
+import math
+
+import numpy as np
+
+from .errors import GPT2Error
+from .weights.safetensors_file import SafetensorsFile, write_arrays
+
+# Elements per piece of a parameter updated at once: the pieces of p, g, m, v and the scratch
+# stay in the core's cache between the update's ten passes, so memory sees each array once.
+_PIECE = 1 << 15
+
+
+def get_lr(step: int, lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:
+    """The learning rate for 0-based `step`: linear warmup, then cosine decay (nanoGPT's get_lr).
+
+        step < warmup:                 lr * (step + 1) / (warmup + 1)
+        warmup <= step < decay_steps:  min_lr + (lr - min_lr) * (1 + cos(pi * r)) / 2,
+                                       r = (step - warmup) / (decay_steps - warmup)
+        step >= decay_steps:           min_lr
+    """
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if step >= decay_steps:
+        return min_lr
+    ratio = (step - warmup) / (decay_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def decays(array: np.ndarray) -> bool:
+    """Whether weight decay applies: to matrices and embeddings (2-D), not to biases and
+    layernorm parameters (1-D), as nanoGPT's `configure_optimizers` groups them."""
+    return array.ndim >= 2
+
+
+def clip_grad_norm(grads: dict, max_norm: float | None) -> float:
+    """Scale every gradient in place so that their global L2 norm is at most `max_norm`;
+    -> the norm before clipping (torch.nn.utils.clip_grad_norm_).
+
+        norm = sqrt(sum over tensors of sum(g ** 2))
+        coef = max_norm / (norm + 1e-6);  g *= coef  when coef < 1
+    `max_norm` None or 0 only measures the norm.
+    """
+    norm = math.sqrt(sum(_sum_of_squares(g) for g in grads.values()))
+    if max_norm:
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1:
+            for g in grads.values():
+                g *= g.dtype.type(coef)
+    return norm
+
+
+def _sum_of_squares(a: np.ndarray) -> float:
+    flat = _flat(a)
+    if flat is None:
+        flat = a.ravel()
+    return float(np.dot(flat, flat))
+
+
+def _flat(a: np.ndarray, order: str | None = None):
+    """The 1-D view of `a` in memory order when it is contiguous (in `order`, if given), else None."""
+    if a.flags.c_contiguous and order in (None, "C"):
+        return a.reshape(-1)
+    if a.flags.f_contiguous and order in (None, "F"):
+        return a.T.reshape(-1)
+    return None
+
+
+class AdamW:
+    """torch.optim.AdamW (not amsgrad, not foreach), with weight decay on 2-D parameters only.
+
+    For each parameter p with gradient g, at step t = 1, 2, ... (torch's order of operations):
+
+        p  = p * (1 - lr * weight_decay)              (2-D parameters only; see `decays`)
+        m  = m + (1 - beta1) * (g - m)                (torch: exp_avg.lerp_(g, 1 - beta1))
+        v  = beta2 * v + (1 - beta2) * g * g
+        p  = p - lr / (1 - beta1 ** t) * m / (sqrt(v) / sqrt(1 - beta2 ** t) + eps)
+
+    m and v start at zero and have each parameter's shape, dtype and memory layout. The
+    defaults are torch's; nanoGPT trains GPT-2 with betas (0.9, 0.95) and weight_decay 0.1.
+    """
+
+    def __init__(self, params: dict, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        """params: name -> the array to update in place (writable)."""
+        for name, p in params.items():
+            if not p.flags.writeable:
+                raise GPT2Error(f"parameter {name} is read-only; AdamW updates parameters in place")
+        self.params = params
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.exp_avg = {name: np.zeros_like(p) for name, p in params.items()}
+        self.exp_avg_sq = {name: np.zeros_like(p) for name, p in params.items()}
+        self.step_count = 0
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) > 1:
+            raise GPT2Error(f"parameters of several dtypes ({', '.join(sorted(map(str, dtypes)))}); AdamW needs one")
+        self._scratch = np.empty(max((p.size for p in params.values()), default=0), dtype=dtypes.pop() if dtypes else None)
+
+    def step(self, grads: dict, lr: float | None = None) -> None:
+        """One update of every parameter from `grads` (name -> array of its shape); `lr`
+        overrides the learning rate for this step (the schedule's value)."""
+        missing = self.params.keys() - grads.keys()
+        if missing:
+            raise GPT2Error(f"no gradient for parameter {sorted(missing)[0]}")
+        self.step_count += 1
+        lr = self.lr if lr is None else lr
+        beta1, beta2 = self.betas
+        t = self.step_count
+        step_size = lr / (1 - beta1 ** t)
+        sqrt_correction2 = math.sqrt(1 - beta2 ** t)
+        for name, p in self.params.items():
+            g, m, v = grads[name], self.exp_avg[name], self.exp_avg_sq[name]
+            if g.shape != p.shape:
+                raise GPT2Error(f"gradient {name} has shape {g.shape}, expected {p.shape}")
+            c = p.dtype.type
+            constants = (c(1 - lr * self.weight_decay) if decays(p) else None,
+                         c(1 - beta1), c(beta2), c(1 - beta2), c(sqrt_correction2), c(self.eps), c(-step_size))
+            order = "C" if p.flags.c_contiguous else "F"
+            flats = [_flat(a, order) for a in (p, g, m, v)]
+            if any(f is None for f in flats):
+                s = self._scratch[:p.size].reshape(p.shape[::-1]).T if order == "F" else self._scratch[:p.size].reshape(p.shape)
+                _update(p, g, m, v, s, *constants)
+                continue
+            fp, fg, fm, fv = flats
+            for begin in range(0, p.size, _PIECE):
+                piece = slice(begin, begin + _PIECE)
+                _update(fp[piece], fg[piece], fm[piece], fv[piece], self._scratch[:fp[piece].size], *constants)
+
+    def state_arrays(self) -> dict:
+        """The state as name -> array: exp_avg.NAME and exp_avg_sq.NAME for each parameter."""
+        arrays = {f"exp_avg.{name}": m for name, m in self.exp_avg.items()}
+        arrays.update({f"exp_avg_sq.{name}": v for name, v in self.exp_avg_sq.items()})
+        return arrays
+
+    def save(self, path) -> None:
+        """Write m, v and the step count to a .safetensors file, atomically."""
+        write_arrays(path, self.state_arrays(), metadata={"step": str(self.step_count)})
+
+    def load(self, path) -> None:
+        """Read what `save` wrote into this optimizer's m, v and step count (shapes must match)."""
+        file = SafetensorsFile(path)
+        arrays = self.state_arrays()
+        for key, array in arrays.items():
+            if key not in file.tensors:
+                raise GPT2Error(f"{path}: no tensor {key}; the optimizer state is of another model")
+            if file.tensors[key].shape != array.shape or file.tensors[key].dtype != array.dtype:
+                raise GPT2Error(f"{path}: tensor {key} is {file.tensors[key].dtype} {file.tensors[key].shape}, "
+                                f"expected {array.dtype} {array.shape}")
+            array[...] = file.tensors[key]
+        try:
+            self.step_count = int(file.metadata["step"])
+        except (KeyError, ValueError):
+            raise GPT2Error(f"{path}: no step count in the metadata; not an optimizer state") from None
+
+
+def _update(p, g, m, v, s, keep, one_minus_beta1, beta2, one_minus_beta2, sqrt_correction2, eps, minus_step_size):
+    """The AdamW update of one parameter (or one contiguous piece of it) in place; s is scratch
+    of the same shape. The lines are `AdamW`'s equations, in torch's order."""
+    if keep is not None:
+        p *= keep                                    # p = p * (1 - lr * wd)
+    np.subtract(g, m, out=s)                         # m = m + (1 - beta1) * (g - m)
+    s *= one_minus_beta1
+    m += s
+    np.multiply(g, g, out=s)                         # v = beta2 * v + (1 - beta2) * g * g
+    s *= one_minus_beta2
+    v *= beta2
+    v += s
+    np.sqrt(v, out=s)                                # denom = sqrt(v) / sqrt(1 - beta2^t) + eps
+    s /= sqrt_correction2
+    s += eps
+    np.divide(m, s, out=s)                           # p = p - lr / (1 - beta1^t) * m / denom
+    s *= minus_step_size
+    p += s
