@@ -401,38 +401,98 @@ class GPT2:
         kernels.linear(h, mlp.c_proj.weight, mlp.c_proj.bias, empty, add_to=residual)
 
     def trace(self, input_ids, attention_mask=None) -> Trace:
-        """The forward pass written with the reference ops, keeping every layer's output.
+        """The forward pass of the reference GPT-2 (`ops.gpt2`), keeping every layer's output.
 
         input_ids: (T,) or (B, T); attention_mask: (B, T) of 0/1, 0 for padding.
-        The same maths as `forward`, one equation per line, in plain NumPy (`ops.py`) and with
-        no cache: for reading and for looking inside, not for speed.
+        The same maths as `forward`, in plain NumPy with no cache: for reading and for looking
+        inside, not for speed.
         """
+        ids, key_mask = self._checked_batch(input_ids, attention_mask)
+        out = ops.gpt2(self.params(), ids, self.config, key_mask)
+        return Trace(out["logits"], out["hidden_states"], out["attentions"])
+
+    # ---- training ------------------------------------------------------------------------
+
+    def params(self) -> dict:
+        """The parameters nested as `ops.gpt2` takes them (`ops.params_from_tensors`), the arrays
+        the model computes with."""
+        return ops.params_from_tensors(self.parameters(), self.config.n_layer)
+
+    def parameters(self) -> dict:
+        """Official name (`wte.weight`, `h.0.attn.c_attn.weight` [in, out], ...) -> the array the
+        model computes with, of the file's shape. Writing into one changes the model; arrays still
+        mapped read-only from the checkpoint file are copied into memory first, once."""
+        for owner, name in ((self, "wpe"), (self.ln_f, "weight"), (self.ln_f, "bias")):
+            if not getattr(owner, name).flags.writeable:
+                setattr(owner, name, np.array(getattr(owner, name)))
+        named = {"wte.weight": self.wte, "wpe.weight": self.wpe,
+                 "ln_f.weight": self.ln_f.weight, "ln_f.bias": self.ln_f.bias}
+        for i, block in enumerate(self.h):
+            for part, module in (("ln_1", block.ln_1), ("ln_2", block.ln_2), ("attn.c_attn", block.attn.c_attn),
+                                 ("attn.c_proj", block.attn.c_proj), ("mlp.c_fc", block.mlp.c_fc),
+                                 ("mlp.c_proj", block.mlp.c_proj)):
+                named[f"h.{i}.{part}.weight"], named[f"h.{i}.{part}.bias"] = module.weight, module.bias
+        return named
+
+    def loss(self, input_ids, labels=None, attention_mask=None) -> float:
+        """Mean cross-entropy of each next token, with transformers' conventions.
+
+        input_ids: (T,) or (B, T); labels: the same shape, or None for the inputs themselves
+        (positions the attention_mask marks as padding then count in no loss); shifted inside,
+        so labels[:, t + 1] is what position t predicts; -100 counts in no loss, and neither
+        does what a padding position would predict (it sees no key).
+        attention_mask: (B, T) of 0/1, 0 for padding.
+        -> the mean over the counted positions (nan if none counts), in the model's dtype
+        """
+        ids, key_mask, targets = self._training_batch(input_ids, labels, attention_mask)
+        logits = self.forward(ids, attention_mask=key_mask)
+        return float(ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.ravel()))
+
+    def loss_and_grads(self, input_ids, labels=None, attention_mask=None) -> tuple:
+        """`loss` and its gradient with respect to every parameter, by hand (no autograd).
+
+        -> (loss, grads): grads maps each name of `parameters()` to an array of its shape, in
+        the model's dtype; the head is tied, so `wte.weight` holds the head's gradient added to
+        the embedding's, as torch's autograd gives it.
+        """
+        ids, key_mask, targets = self._training_batch(input_ids, labels, attention_mask)
+        params = self.params()
+        forward = ops.gpt2(params, ids, self.config, key_mask)
+        logits = forward["logits"].reshape(-1, self.config.vocab_size)
+        loss = float(ops.cross_entropy(logits, targets.ravel()))
+        dlogits = ops.cross_entropy_backward(logits, targets.ravel()).reshape(forward["logits"].shape)
+        grads = ops.gpt2_backward(dlogits, params, ids, self.config, forward, key_mask)
+        return loss, ops.tensors_from_params(grads)
+
+    def _training_batch(self, input_ids, labels, attention_mask):
+        """-> ids [B, T], key_mask [B, T] bool, targets [B, T]: what position t predicts (the
+        labels shifted by one, -100 where nothing is predicted)."""
+        ids, key_mask = self._checked_batch(input_ids, attention_mask)
+        if labels is None:
+            labels = np.where(key_mask, ids, ops.IGNORE_INDEX)
+        else:
+            labels = np.asarray(labels)
+            labels = labels[None] if labels.ndim == 1 else labels
+            if labels.shape != ids.shape or not np.issubdtype(labels.dtype, np.integer):
+                raise GPT2Error(f"labels must be integers of the shape of input_ids {ids.shape}, found "
+                                f"{labels.dtype} {labels.shape}")
+            bad = (labels != ops.IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))
+            if bad.any():
+                raise GPT2Error(f"labels contains {labels[bad][0]}, outside the vocabulary "
+                                f"0..{self.config.vocab_size - 1} (and not -100, the ignored label)")
+        targets = np.full(ids.shape, ops.IGNORE_INDEX, np.int64)
+        targets[:, :-1] = labels[:, 1:]
+        targets[~key_mask] = ops.IGNORE_INDEX  # a padding position sees no key: it predicts nothing
+        return ids, key_mask, targets
+
+    def _checked_batch(self, input_ids, attention_mask):
+        """-> ids [B, T] and key_mask [B, T] bool, checked, for a pass with no cache."""
         ids = self._check_ids(input_ids)
         B, T = ids.shape
         if T > self.config.n_positions:
             raise GPT2Error(f"input_ids has {T} positions, more than n_positions={self.config.n_positions}")
         key_mask = np.ones((B, T), dtype=bool) if attention_mask is None else self._check_mask(attention_mask, B, T)
-        positions = _count_positions(key_mask)
-        H, D, eps = self.config.n_head, self.config.head_dim, self.config.layer_norm_epsilon
-
-        x = self.wte[ids] + self.wpe[positions]                                    # [B, T, C]
-        hidden_states, attentions = [x], []
-        for layer, block in enumerate(self.h):
-            h = ops.layer_norm(x, block.ln_1.weight, block.ln_1.bias, eps)
-            q, k, v = np.split(ops.linear(h, block.attn.c_attn.weight, block.attn.c_attn.bias), 3, axis=-1)
-            q = q.reshape(B, T, H, D)                                               # [B, T, H, D]
-            k, v = (a.reshape(B, T, H, D).transpose(0, 2, 1, 3) for a in (k, v))   # [B, H, T, D]
-            weights = ops.attention_weights(q, k, key_mask, 0, self.attn_scales[layer])
-            heads = np.einsum("bhts,bhsd->bthd", weights, v).reshape(B, T, H * D)
-            x = x + ops.linear(heads, block.attn.c_proj.weight, block.attn.c_proj.bias)
-            h = ops.layer_norm(x, block.ln_2.weight, block.ln_2.bias, eps)
-            h = ops.gelu_tanh(ops.linear(h, block.mlp.c_fc.weight, block.mlp.c_fc.bias))
-            x = x + ops.linear(h, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
-            hidden_states.append(x)
-            attentions.append(weights)
-        x = ops.layer_norm(x, self.ln_f.weight, self.ln_f.bias, eps)
-        hidden_states[-1] = x
-        return Trace(x @ self.wte.T, hidden_states, attentions)
+        return ids, key_mask
 
     # ---- generation ----------------------------------------------------------------------
 
