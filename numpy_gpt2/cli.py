@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a checkpoint")
     _add_model_args(info)
+    info.add_argument("--verify", action="store_true",
+                      help="also check every tensor's checksum (TensorFlow's crc32c; the other formats "
+                           "store none, and their sizes are always checked)")
 
     conv = sub.add_parser("convert", help="write a checkpoint as a Hugging Face directory or llm.c .bin",
                           description="Convert SRC (a Hugging Face directory, .safetensors file, OpenAI "
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--n-head", type=_positive_int, default=None,
                       help="number of heads, for a bare weight file of no preset size")
     conv.add_argument("--force", action="store_true", help="overwrite a model already at DST")
+    conv.add_argument("--verify", action="store_true",
+                      help="check every tensor of SRC against its checksum first (TensorFlow's crc32c)")
 
     dl = sub.add_parser("download", help="fetch a checkpoint from the Hugging Face hub",
                         description="Download NAME (a published name or a hub repo id such as "
@@ -195,8 +200,13 @@ def _cmd_tokenize(args):
 
 def _cmd_info(args):
     from .model import GPT2
+    from .weights import load_checkpoint
+    from .weights.resolve import resolve_model
 
-    model = GPT2.from_pretrained(args.model, dtype=args.dtype, n_head=args.n_head)
+    checkpoint = load_checkpoint(resolve_model(args.model), n_head=args.n_head, verify=args.verify)
+    if args.verify:
+        print(f"verified {len(checkpoint.tensors)} tensors")
+    model = GPT2.from_checkpoint(checkpoint, dtype=args.dtype)
     c = model.config
     size = os.path.getsize(model.path) if os.path.isfile(model.path) else None
     lines = [
@@ -214,7 +224,7 @@ def _cmd_info(args):
 def _cmd_convert(args):
     from .convert import convert
 
-    print(convert(args.src, args.dst, dtype=args.dtype, n_head=args.n_head, force=args.force))
+    print(convert(args.src, args.dst, dtype=args.dtype, n_head=args.n_head, force=args.force, verify=args.verify))
 
 
 def _cmd_download(args):

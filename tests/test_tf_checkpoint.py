@@ -2,18 +2,22 @@
 
 References trusted here: the fixture itself (written by TF 2.21 `tf.compat.v1.train.Saver`),
 Hugging Face transformers' `GPT2LMHeadModel` forward pass, whose logits the fixture stores,
-and a bit-by-bit CRC-32C written from the polynomial and checked against its published check
-value, used to craft corrupt index files that still pass the block checksums.
+a bit-by-bit CRC-32C written from the polynomial and checked against its published check
+value, used to craft corrupt index files that still pass the block checksums, and the crc32c of
+each tensor that TensorFlow stored in the index, which a flipped data byte must contradict.
 """
 
 import mmap
 import pathlib
+import re
 import shutil
 
 import numpy as np
 import pytest
 
+from numpy_gpt2 import cli
 from numpy_gpt2.errors import CheckpointError, ModelNotFoundError
+from numpy_gpt2.weights import load_checkpoint
 from numpy_gpt2.weights.crc32c import crc32c
 from numpy_gpt2.weights.tf_bundle import TensorBundle
 from numpy_gpt2.weights.tf_checkpoint import is_tf_checkpoint_dir, load_tf_checkpoint
@@ -339,3 +343,51 @@ def test_verify_catches_a_flipped_tensor_byte(ckpt_copy):
     assert load_tf_checkpoint(ckpt_copy)[1]["wte.weight"].shape == (V, C)  # sizes alone look fine
     with pytest.raises(CheckpointError, match=r"data-00000-of-00001: tensor model/wte fails its crc32c check"):
         load_tf_checkpoint(ckpt_copy, verify=True)
+
+
+# --- Verifying on the user's paths: load_checkpoint(verify=True), `info --verify`, `convert --verify`. ---
+
+def _flip_a_byte_inside(directory: pathlib.Path, tf_name: str) -> None:
+    """Flip one bit in the middle of tensor `tf_name`'s bytes in the data shard."""
+    entry = TensorBundle(directory / "model.ckpt").entries[tf_name]
+    data = bytearray((directory / DATA).read_bytes())
+    data[entry.offset + entry.size // 2] ^= 0x10
+    (directory / DATA).write_bytes(bytes(data))
+
+
+def test_load_checkpoint_verify_accepts_the_fixture(fixture_dir):
+    assert len(load_checkpoint(fixture_dir, verify=True).tensors) == len(_expected_shapes())
+
+
+@pytest.mark.parametrize("tf_name", ["model/h0/attn/c_attn/b", "model/h1/mlp/c_fc/w", "model/wpe"])
+def test_load_checkpoint_verify_names_the_flipped_tensor(ckpt_copy, tf_name):
+    _flip_a_byte_inside(ckpt_copy, tf_name)
+    assert len(load_checkpoint(ckpt_copy).tensors) == len(_expected_shapes())  # sizes alone look fine
+    with pytest.raises(CheckpointError, match=rf"{DATA}: tensor {tf_name} fails its crc32c check"):
+        load_checkpoint(ckpt_copy, verify=True)
+
+
+def test_info_verify_reports_the_tensors_checked(fixture_dir, capsys):
+    assert cli.main(["info", "--model", str(fixture_dir), "--verify"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"verified {len(_expected_shapes())} tensors"
+    assert captured.err == ""
+
+
+def test_info_verify_names_the_flipped_tensor_in_one_line(ckpt_copy, capsys):
+    _flip_a_byte_inside(ckpt_copy, "model/h1/mlp/c_fc/w")
+    assert cli.main(["info", "--model", str(ckpt_copy)]) == 0
+    assert "verified" not in capsys.readouterr().out
+    assert cli.main(["info", "--model", str(ckpt_copy), "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert re.fullmatch(rf"numpy-gpt2: error: \S+{DATA}: tensor model/h1/mlp/c_fc/w fails its crc32c check "
+                        r"\(stored 0x[0-9a-f]{8}, computed 0x[0-9a-f]{8}\)\n", captured.err)
+
+
+def test_convert_verify_refuses_a_corrupt_source(ckpt_copy, tmp_path, capsys):
+    _flip_a_byte_inside(ckpt_copy, "model/wpe")
+    assert cli.main(["convert", str(ckpt_copy), str(tmp_path / "out"), "--verify"]) == 1
+    assert "tensor model/wpe fails its crc32c check" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["convert", str(ckpt_copy), str(tmp_path / "out")]) == 0  # without it, nothing notices

@@ -275,6 +275,21 @@ def test_truncated_file(tiny_ref, tmp_path, where, message):
         GPT2.from_pretrained(directory)
 
 
+def test_info_verify_of_safetensors_checks_the_header_and_sizes(tiny_ref, tmp_path, capsys):
+    # safetensors stores no checksum: --verify is the header and size checks every load makes.
+    from numpy_gpt2 import cli
+
+    directory = _copy_hub(tiny_ref, tmp_path / "ckpt")
+    assert cli.main(["info", "--model", str(directory), "--verify"]) == 0
+    n_tensors = 2 + 12 * tiny_ref.config["n_layer"] + 2  # wte, wpe; 12 per block; ln_f
+    assert capsys.readouterr().out.splitlines()[0] == f"verified {n_tensors} tensors"
+    _cut("data")(directory / "model.safetensors")
+    assert cli.main(["info", "--model", str(directory), "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert re.search(r"tensor \S+ ends at byte \d+ but the file has \d+ bytes \(truncated file\)", captured.err)
+
+
 def test_corrupt_header_json(tiny_ref, tmp_path):
     directory = _copy_hub(tiny_ref, tmp_path / "ckpt")
     path = directory / "model.safetensors"
