@@ -1,4 +1,4 @@
-"""The `numpy-gpt2` command line: generate, tokenize, info, convert, download.
+"""The `numpy-gpt2` command line: generate, tokenize, info, convert, download, prepare, train.
 
 Every known error (GPT2Error, OSError, a bad flag) becomes one line on stderr and a non-zero
 exit; anything else is a bug and keeps its traceback.
@@ -132,7 +132,74 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "being the last part of the repo id)")
     dl.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     dl.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_training_commands(sub)
     return parser
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), found {text}")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, found {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, found {text}")
+    return value
+
+
+for _f, _name in ((_fraction, "fraction"), (_non_negative_float, "number >= 0"), (_positive_float, "number > 0")):
+    _f.__name__ = _name
+
+
+def _add_training_commands(sub):
+    prep = sub.add_parser("prepare", help="tokenize text files for training",
+                          description="Tokenize FILE... (UTF-8 text) into DIR/train.bin and DIR/val.bin "
+                                      "(uint16 GPT-2 token ids, nanoGPT's format; <|endoftext|> between "
+                                      "files) and DIR/meta.json. val.bin is the last --val-fraction of the "
+                                      "tokens, train.bin the rest.")
+    prep.add_argument("files", nargs="+", metavar="FILE", help="text files, in order")
+    prep.add_argument("--out", required=True, metavar="DIR", help="the directory to write (new, empty, or "
+                                                                  "written by prepare before)")
+    prep.add_argument("--val-fraction", type=_fraction, default=0.05, help="default: 0.05")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    tr = sub.add_parser("train", help="train or fine-tune GPT-2 on prepared data",
+                        description="Train a GPT-2 on --data (from `numpy-gpt2 prepare`) into --out: from "
+                                    "scratch (--config) or from a checkpoint (--init). --out holds the run "
+                                    "and its latest checkpoint, which --model and transformers load; "
+                                    "--resume continues it exactly. Ctrl-C saves and stops.")
+    tr.add_argument("--data", metavar="DIR", help="the prepared data (default on --resume: the run's)")
+    tr.add_argument("--out", required=True, metavar="DIR", help="the run's directory")
+    start = tr.add_mutually_exclusive_group()
+    start.add_argument("--init", metavar="MODEL", help=f"fine-tune this checkpoint: a path or a name ({_PRESET_NAMES})")
+    start.add_argument("--config", metavar="PRESET_OR_JSON",
+                       help=f"train from scratch a model of this shape: {_PRESET_NAMES}, or a config.json")
+    tr.add_argument("--steps", type=_positive_int, help="optimizer steps in the run")
+    tr.add_argument("--batch-size", type=_positive_int, help="rows per step (default: 8)")
+    tr.add_argument("--seq-len", type=_positive_int, help="tokens per row (default: 256)")
+    tr.add_argument("--lr", type=_positive_float, help="peak learning rate (default: 6e-4, or 3e-5 with --init)")
+    tr.add_argument("--min-lr", type=_non_negative_float, help="learning rate at the end (default: lr / 10)")
+    tr.add_argument("--warmup", type=_non_negative_int, help="linear warmup steps (default: steps / 10)")
+    tr.add_argument("--weight-decay", type=_non_negative_float, help="on matrices and embeddings (default: 0.1)")
+    tr.add_argument("--grad-clip", type=_non_negative_float, help="max global gradient norm, 0 for none (default: 1)")
+    tr.add_argument("--eval-every", type=_positive_int, help="steps between validation losses and checkpoints "
+                                                             "(default: steps / 10)")
+    tr.add_argument("--eval-batches", type=_positive_int, help="batches of val.bin per validation (default: 20)")
+    tr.add_argument("--seed", type=int, help="of the initialisation and the batches (default: 1337)")
+    tr.add_argument("--threads", type=_positive_int, help="threads for the matrix products (default: one per core)")
+    tr.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: float32)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.add_argument("--quiet", action="store_true", help="no progress line")
 
 
 def _read_text(arg, what):
@@ -233,8 +300,32 @@ def _cmd_download(args):
     print(summary(download(args.name, args.dir, revision=args.revision, quiet=args.quiet)))
 
 
+def _cmd_prepare(args):
+    from .data import prepare
+
+    meta = prepare(args.files, args.out, val_fraction=args.val_fraction, progress=not args.quiet)
+    print(f"{args.out}: train.bin {meta['train_tokens']:,} tokens, val.bin {meta['val_tokens']:,} tokens")
+
+
+def _cmd_train(args):
+    from .train import TrainingInterrupted, train
+
+    options = {key: getattr(args, key) for key in (
+        "data", "out", "init", "config", "steps", "batch_size", "seq_len", "lr", "min_lr", "warmup", "weight_decay",
+        "grad_clip", "eval_every", "eval_batches", "seed", "threads", "resume", "dtype")}
+    try:
+        history = train(**options, progress=not args.quiet)
+    except TrainingInterrupted as exc:
+        print(f"numpy-gpt2: {exc}", file=sys.stderr)
+        raise SystemExit(130) from None
+    last = history[-1]
+    val = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
+    loss = f"train loss {last['loss']:.4f}, " if "loss" in last else ""
+    print(f"step {last['step']}: {loss}val loss {val:.4f}; saved to {args.out}")
+
+
 _COMMANDS = {"generate": _cmd_generate, "tokenize": _cmd_tokenize, "info": _cmd_info, "convert": _cmd_convert,
-             "download": _cmd_download}
+             "download": _cmd_download, "prepare": _cmd_prepare, "train": _cmd_train}
 
 
 def main(argv=None) -> int:
