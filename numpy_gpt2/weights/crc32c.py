@@ -25,7 +25,7 @@ _CRC_VECTOR_MIN = 1 << 16
 _CRC_MAX_LANES = 1 << 16
 
 
-def _crc_register_bytes(register: int, data) -> int:
+def _advance_register(register: int, data) -> int:
     """Feed `data` through the raw CRC register (no pre- or post-inversion)."""
     table = _CRC_TABLE_LIST
     for byte in bytes(data):
@@ -51,7 +51,7 @@ def _zeros_operator(n: int) -> list[int]:
     CRC is linear over GF(2), so crc(A || B) = zeros_|B|(crc(A)) ^ crc(B) for raw registers;
     this is what lets independent lanes be computed in parallel and joined afterwards.
     """
-    one = [_crc_register_bytes(1 << i, b"\0") for i in range(32)]
+    one = [_advance_register(1 << i, b"\0") for i in range(32)]
     result = [1 << i for i in range(32)]
     while n:
         if n & 1:
@@ -76,7 +76,7 @@ def _apply_operator_vectorized(columns: list[int], registers: np.ndarray) -> np.
 def crc32c(data) -> int:
     """CRC-32C of a bytes-like object (bytes, memoryview, mmap slice, uint8 array).
 
-    The fast twin of `_crc_register_bytes` (one byte at a time, the table-driven reference),
+    The fast twin of `_advance_register` (one byte at a time, the table-driven reference),
     equal to it bit for bit. Large inputs are cut into up to 65536 equal lanes that advance one
     byte per NumPy step together, then joined pairwise with the zero-byte operator; the tail is
     done in Python. A whole GPT-2 data shard so costs one NumPy step per byte of a lane, not
@@ -85,7 +85,7 @@ def crc32c(data) -> int:
     buf = np.frombuffer(data, dtype=np.uint8)
     n = buf.size
     if n < _CRC_VECTOR_MIN:
-        return _crc_register_bytes(0xFFFFFFFF, buf.tobytes()) ^ 0xFFFFFFFF
+        return _advance_register(0xFFFFFFFF, buf.tobytes()) ^ 0xFFFFFFFF
     lanes = min(_CRC_MAX_LANES, 1 << ((n // 4096).bit_length() - 1))
     width = n // lanes
     grid = buf[: lanes * width].reshape(lanes, width)
@@ -103,7 +103,7 @@ def crc32c(data) -> int:
     while registers.size > 1:
         registers = _apply_operator_vectorized(operator, registers[0::2]) ^ registers[1::2]
         operator = [_gf2_apply(operator, column) for column in operator]  # lanes doubled in length
-    register = _crc_register_bytes(int(registers[0]), buf[lanes * width :].tobytes())
+    register = _advance_register(int(registers[0]), buf[lanes * width :].tobytes())
     return register ^ 0xFFFFFFFF
 
 

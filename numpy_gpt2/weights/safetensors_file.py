@@ -26,9 +26,9 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 def load_safetensors(path: str, config: GPT2Config | None = None, n_head: int | None = None) -> Checkpoint:
     """Open a .safetensors GPT-2 file memory-mapped; the config is inferred when not given."""
-    st = SafetensorsFile(path)
-    tensors = official_names(st.tensors, path)
-    file_dtypes = {name: st.dtypes.get(name, st.dtypes.get("transformer." + name)) for name in tensors}
+    file = SafetensorsFile(path)
+    tensors = official_names(file.tensors, path)
+    file_dtypes = {name: file.dtypes.get(name, file.dtypes.get("transformer." + name)) for name in tensors}
     if config is None:
         config = infer_config(tensors, path, n_head)
     validate(config, tensors, file_dtypes, path)
@@ -77,7 +77,7 @@ def _read(path):
     metadata = header.pop("__metadata__", None) or {}
     dtypes, tensors = {}, {}
     for name, info in header.items():
-        dtype, shape, begin, end = _entry(path, name, info)
+        dtype, shape, begin, end = _header_entry(path, name, info)
         if end > data_len:
             raise CheckpointError(
                 f"{path}: tensor {name} ends at byte {data_start + end} but the file has "
@@ -94,7 +94,7 @@ def _read(path):
     return metadata, dtypes, tensors
 
 
-def _entry(path, name, info):
+def _header_entry(path, name, info):
     try:
         dtype = info["dtype"]
         shape = [int(n) for n in info["shape"]]
