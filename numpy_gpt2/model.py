@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from . import kernels, ops
+from . import gradients, kernels, ops
 from .buffers import OutputMemory, faulted_in_empty
 from .config import GPT2Config
 from .errors import GPT2Error
@@ -235,6 +235,7 @@ class GPT2:
         # And a prompt's intermediates of 1 MB and more: up to twelve blocks, each at most 1/32
         # of the weights (15 MB for 124M: every intermediate of a 1024-token prompt fits).
         self._work_memory = OutputMemory(max_bytes=weight_bytes // 32, max_blocks=12, min_bytes=1 << 20)
+        self._training_buffers = None  # `loss_and_grads`' activations, for the last batch shape
 
     # ---- construction -------------------------------------------------------------------
 
@@ -448,21 +449,23 @@ class GPT2:
         logits = self.forward(ids, attention_mask=key_mask)
         return float(ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.ravel()))
 
-    def loss_and_grads(self, input_ids, labels=None, attention_mask=None) -> tuple:
+    def loss_and_grads(self, input_ids, labels=None, attention_mask=None, grads=None) -> tuple:
         """`loss` and its gradient with respect to every parameter, by hand (no autograd).
 
+        grads: None for new arrays, or the dict a previous call returned, to be overwritten
+            (a training loop reuses its memory instead of allocating the model's size each step)
         -> (loss, grads): grads maps each name of `parameters()` to an array of its shape, in
         the model's dtype; the head is tied, so `wte.weight` holds the head's gradient added to
         the embedding's, as torch's autograd gives it.
+
+        The fast twin of `ops.gpt2` + `ops.cross_entropy` + `ops.gpt2_backward` (`gradients`).
         """
         ids, key_mask, targets = self._training_batch(input_ids, labels, attention_mask)
-        params = self.params()
-        forward = ops.gpt2(params, ids, self.config, key_mask)
-        logits = forward["logits"].reshape(-1, self.config.vocab_size)
-        loss = float(ops.cross_entropy(logits, targets.ravel()))
-        dlogits = ops.cross_entropy_backward(logits, targets.ravel()).reshape(forward["logits"].shape)
-        grads = ops.gpt2_backward(dlogits, params, ids, self.config, forward, key_mask)
-        return loss, ops.tensors_from_params(grads)
+        if self._training_buffers is None or self._training_buffers.shape != ids.shape:
+            self._training_buffers = None  # the old batch shape's memory goes before the new is made
+            self._training_buffers = gradients.TrainingBuffers(self.config, *ids.shape, self.dtype)
+        grads = gradients.new_grads(self.parameters()) if grads is None else grads
+        return gradients.loss_and_grads(self, ids, key_mask, targets, grads, self._training_buffers), grads
 
     def _training_batch(self, input_ids, labels, attention_mask):
         """-> ids [B, T], key_mask [B, T] bool, targets [B, T]: what position t predicts (the
