@@ -138,7 +138,7 @@ def test_cli_prepare_errors_are_one_line(tmp_path, capsys, monkeypatch, args, me
 def run_cli(*args):
     """cli.main in this process -> its exit status (argparse's errors exit by SystemExit)."""
     try:
-        return cli.main(list(args))
+        return cli.main([str(a) for a in args])
     except SystemExit as exc:
         return exc.code
 
