@@ -12,8 +12,9 @@
   numpy-gpt2's own steps: the bytes a second the machine gives, the most tokens a second it
   allows, and what the step spends beside them.
 
-Both read numpy-gpt2's internals (`kernels._product`, the stored [out, in] matrices): this is
-a measuring tool for this repository, not an API.
+Both use numpy-gpt2's kernels through their measuring entry points (`kernels.recorded_products`,
+`kernels.product`, `kernels.few_rows_matmul`) and time its public kernel functions by wrapping
+them for the length of a profile.
 """
 
 import collections
@@ -62,18 +63,8 @@ def _recorded_products(model, ids, logits_to_keep):
     """[(rows of x, the stored [N, K] matrix)] for every dense product one forward makes, in order."""
     from numpy_gpt2 import kernels
 
-    calls = []
-    product = kernels._product
-
-    def record(rows, rows_of_out, out, *args, **kwargs):
-        calls.append((len(rows), rows_of_out))
-        return product(rows, rows_of_out, out, *args, **kwargs)
-
-    kernels._product = record
-    try:
+    with kernels.recorded_products() as calls:
         model(ids, logits_to_keep=logits_to_keep)
-    finally:
-        kernels._product = product
     return calls
 
 
@@ -93,12 +84,12 @@ def _products_alone(calls, dtype, repeats, rng):
     from numpy_gpt2 import kernels
 
     seconds = []
-    for M, rows_of_out in calls:
-        N, K = rows_of_out.shape
+    for M, weight_t in calls:
+        N, K = weight_t.shape
         x = rng.standard_normal((M, K)).astype(dtype)
         out = np.empty((M, N), dtype=dtype)
-        ours = _fastest_seconds(lambda: kernels._product(x, rows_of_out, out), repeats)
-        blas = _fastest_seconds(lambda: np.matmul(x, rows_of_out.T, out=out), repeats)
+        ours = _fastest_seconds(lambda: kernels.product(x, weight_t, out), repeats)
+        blas = _fastest_seconds(lambda: np.matmul(x, weight_t.T, out=out), repeats)
         seconds.append(min(ours, blas))
     return seconds
 
@@ -125,10 +116,10 @@ def prefill_bound(model, ids, keep_last: bool, torch_seconds, repeats: int = 5) 
 
     calls = _recorded_products(model, ids, keep)
     alone = _products_alone(calls, model.dtype, repeats, np.random.default_rng(0))
-    flops = sum(2 * M * rows_of_out.size for M, rows_of_out in calls)
+    flops = sum(2 * M * weight_t.size for M, weight_t in calls)
     alone_by_part = collections.defaultdict(float)
-    for (_, rows_of_out), seconds in zip(calls, alone):
-        alone_by_part["head" if np.may_share_memory(rows_of_out, model.wte) else "block products"] += seconds
+    for (_, weight_t), seconds in zip(calls, alone):
+        alone_by_part["head" if np.may_share_memory(weight_t, model.wte) else "block products"] += seconds
     result = {
         "profile_seconds": profile,
         "dense_products": len(calls),
@@ -153,7 +144,7 @@ def decode_bound(model, ids, torch_tokens_per_s, repeats: int = 7, steps: int = 
     from numpy_gpt2 import kernels
 
     batch = len(ids)
-    matrices = [kernels.stored_rows(linear.weight)
+    matrices = [kernels.transposed_contiguous(linear.weight)
                 for block in model.h
                 for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
     matrices.append(model.wte)
@@ -163,7 +154,7 @@ def decode_bound(model, ids, torch_tokens_per_s, repeats: int = 7, steps: int = 
 
     def products():
         for x, rows, out in zip(xs, matrices, outs):
-            kernels._few_rows_times(x, rows, out)
+            kernels.few_rows_matmul(x, rows, out)
 
     def decoding_steps():
         tokens = model.stream(ids, steps + 1, eos_token_id=None)

@@ -157,7 +157,7 @@ def _start(model, input_ids, max_new_tokens: int = 50, do_sample: bool = False, 
     if not 0 <= pad < model.config.vocab_size:
         raise GPT2Error(f"pad_token_id {pad} is outside the vocabulary 0..{model.config.vocab_size - 1}")
     ids, mask = _as_batch(input_ids, attention_mask, pad)
-    ids = model._check_ids(ids)
+    ids = model.check_ids(ids)
     B, T = ids.shape
     P = model.config.n_positions
     if T + max_new_tokens > P:
@@ -182,8 +182,8 @@ def _decode(model, ids, mask, max_new_tokens, sampling, rng, eos, pad, stops):
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]    # [B, V]
     positions = cache.key_mask[:, :T].sum(axis=1)  # each row's next position: padding does not count
     for step in range(max_new_tokens):
-        # Kept lean: with the caches cold from a step's weights, the NumPy calls of this loop
-        # cost as much as 0.25 ms a step (np.isin alone most of it).
+        # Kept lean: a step leaves the CPU's caches cold from its weights, so every NumPy call
+        # here costs more than it would alone (np.isin, for one, is avoided).
         token = next_tokens(logits, sampling, rng)
         token[finished] = pad
         yield token
@@ -193,7 +193,7 @@ def _decode(model, ids, mask, max_new_tokens, sampling, rng, eos, pad, stops):
             finished |= stops.update(token, finished)
         if finished.all() or step == max_new_tokens - 1:
             return
-        logits = model._step(token, positions, cache)
+        logits = model.decode_step(token, positions, cache)
         positions += 1
 
 

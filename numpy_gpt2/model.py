@@ -14,10 +14,10 @@ import os
 import numpy as np
 
 from . import gradients, kernels, ops
-from .buffers import OutputMemory, faulted_in_empty
 from .config import GPT2Config
 from .errors import GPT2Error
-from .weights import Checkpoint, expected_shapes, load_checkpoint, mapped_file, release_pages
+from .memory import ReusableMemory, Workspace, blocks_in_one_array, in_own_memory
+from .weights import Checkpoint, load_checkpoint, release_pages
 from .weights.resolve import resolve_model
 
 DTYPES = ("float32", "float64")
@@ -28,7 +28,7 @@ class Linear:
     """GPT-2's 'Conv1D': weight [in, out], bias [out]; y = x @ weight + bias.
 
     The model keeps `weight` as the transposed view of an [out, in] array (see
-    `_blocks_in_one_array`): the same matrix, laid out for the products.
+    `memory.blocks_in_one_array`): the same matrix, laid out for the products.
     """
 
     weight: np.ndarray
@@ -37,7 +37,8 @@ class Linear:
 
 @dataclasses.dataclass
 class LayerNorm:
-    """Per-channel scale `weight` [C] and shift `bias` [C] applied after normalising."""
+    """gamma = `weight` [C] and beta = `bias` [C] (the checkpoint's names): the per-channel scale
+    and shift applied after normalising."""
 
     weight: np.ndarray
     bias: np.ndarray
@@ -61,65 +62,6 @@ class Block:
     attn: Attention
     ln_2: LayerNorm
     mlp: MLP
-
-
-def _in_own_memory(array: np.ndarray) -> np.ndarray:
-    """A view of a mapped file -> a copy in the process's own memory, the file pages handed
-    back (`weights.release_pages`); an array already in ordinary memory (say, converted on
-    load) as it is.
-
-    For the tied head: decoding streams wte every token (a third of the bytes read), and from
-    fresh memory, for which NumPy asks the OS for huge pages, it measured 5% faster end to end
-    than from the file's pages.
-    """
-    if mapped_file(array) is None:
-        return array
-    copy = faulted_in_empty(array.shape, array.dtype)
-    copy[...] = array
-    release_pages(array)
-    return copy
-
-
-# A block's tensors in the order a decoding step reads them (`kernels.decode_block`).
-_BLOCK_TENSORS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-                  "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                  "mlp.c_proj.weight", "mlp.c_proj.bias")
-
-
-def _blocks_in_one_array(config: GPT2Config, tensors, dtype) -> dict:
-    """Every block's tensors copied into one array, in the order a decoding step reads them;
-    -> official name -> its view there. A weight matrix [in, out] is stored as [out, in] rows
-    and its view is the `.T` of those rows: the same matrix, laid out for the products.
-
-    A decoding step reads every weight once per token, so its speed is that of streaming the
-    weights through memory (see `kernels`):
-    - Stored [out, in], each output is a dot product over one contiguous row, and each thread
-      reads one contiguous stream: decoding measured 3-10% faster than with the file's
-      [in, out] layout.
-    - In one allocation, nearly all of it is backed by huge pages (NumPy asks the OS for them
-      for large arrays, and a mapping gets them only on whole aligned 2 MB pieces). Allocated
-      one by one, 40% of the matrices' bytes sat on ordinary 4 KB pages (all of each 2.4 MB
-      c_proj, the ends of the others), and a decoding step took 0.8-1.6 ms longer (about 10%).
-    The file pages each tensor was read from are handed back (`weights.release_pages`), so the
-    resident size stays about that of the file.
-    """
-    shapes = expected_shapes(config)
-    names = [f"h.{i}.{name}" for i in range(config.n_layer) for name in _BLOCK_TENSORS]
-    memory = faulted_in_empty(sum(math.prod(shapes[name]) for name in names), dtype)
-    views, offset = {}, 0
-    for name in names:
-        shape, source = shapes[name], tensors[name]
-        piece = memory[offset:offset + math.prod(shape)]
-        offset += piece.size
-        if len(shape) == 2:
-            rows = piece.reshape(shape[::-1])                                       # [out, in]
-            rows[...] = source.T
-            views[name] = rows.T
-        else:
-            views[name] = piece.reshape(shape)
-            views[name][...] = source
-        release_pages(source)
-    return views
 
 
 class _Converted:
@@ -146,8 +88,9 @@ class KVCache:
     `length` positions are filled. A forward pass with the cache appends its T positions.
     """
 
-    def __init__(self, config: GPT2Config, batch_size: int, capacity: int, dtype, memory: OutputMemory | None = None):
-        """memory: take k and v, uninitialised, from this `OutputMemory` instead of fresh zeros
+    def __init__(self, config: GPT2Config, batch_size: int, capacity: int, dtype,
+                 memory: ReusableMemory | None = None):
+        """memory: take k and v, uninitialised, from this `ReusableMemory` instead of fresh zeros
         (for a forward pass that writes every position before it reads it)."""
         shape = (config.n_layer, batch_size, config.n_head, capacity, config.head_dim)
         allocate = np.zeros if memory is None else memory.empty
@@ -193,17 +136,17 @@ class GPT2:
         """`tensors` maps official names (see `weights`) to arrays already in `dtype`.
 
         wpe and ln_f are used as given (memory-mapped when loaded from a float32 file); wte is
-        copied into the process's own memory (`_in_own_memory`) and the blocks' tensors into one
-        array, the matrices in their own layout (`_blocks_in_one_array`).
+        copied into the process's own memory (`memory.in_own_memory`) and the blocks' tensors
+        into one array, the matrices in their own layout (`memory.blocks_in_one_array`).
         """
         self.config = config
         self.dtype = np.dtype(dtype)
         self.path = path
         t = tensors
 
-        self.wte = _in_own_memory(t["wte.weight"])  # [V, C], also the output head (tied)
+        self.wte = in_own_memory(t["wte.weight"])  # [V, C], also the output head (tied)
         self.wpe = t["wpe.weight"]  # [P, C]
-        b = _blocks_in_one_array(config, t, self.dtype)
+        b = blocks_in_one_array(config, t, self.dtype)
 
         def linear(name: str) -> Linear:
             return Linear(b[name + ".weight"], b[name + ".bias"])
@@ -224,17 +167,10 @@ class GPT2:
             / (i + 1 if config.scale_attn_by_inverse_layer_idx else 1)
             for i in range(config.n_layer)
         ]
-        # The logits' memory, kept for the next call once they are dropped (see `buffers`); it
-        # never holds more than two blocks, each at most the size of the weights. And the keys
-        # and values of forward passes without a cache: up to four blocks (two passes at once),
-        # each at most a quarter of the weights.
-        weight_bytes = self.wte.nbytes + sum(
-            lin.weight.nbytes for b in self.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
-        self._logits_memory = OutputMemory(max_bytes=weight_bytes)
-        self._scratch_memory = OutputMemory(max_bytes=weight_bytes // 4, max_blocks=4)
-        # And a prompt's intermediates of 1 MB and more: up to twelve blocks, each at most 1/32
-        # of the weights (15 MB for 124M: every intermediate of a 1024-token prompt fits).
-        self._work_memory = OutputMemory(max_bytes=weight_bytes // 32, max_blocks=12, min_bytes=1 << 20)
+        # The memory the forward passes reuse: the logits, the keys and values of passes without
+        # a cache, a prompt's intermediates (see `memory.Workspace`).
+        self.workspace = Workspace(self.wte.nbytes + sum(
+            lin.weight.nbytes for b in self.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)))
         self._training_buffers = None  # `loss_and_grads`' activations, for the last batch shape
 
     # ---- construction -------------------------------------------------------------------
@@ -246,8 +182,8 @@ class GPT2:
         Names are looked up in ./weights/NAME/ and the Hugging Face cache (see
         `weights.resolve`). From a float32 file wpe and ln_f are memory-mapped, not copied; wte
         and the blocks' tensors are copied once, the latter into one array with the matrices in
-        their own layout (see `_in_own_memory`, `_blocks_in_one_array`), and the file pages they
-        came from handed back. `n_head` is needed only for a bare .safetensors file of a size that
+        their own layout (see `memory.in_own_memory`, `memory.blocks_in_one_array`), and the file
+        pages they came from handed back. `n_head` is needed only for a bare .safetensors file of a size that
         matches no preset.
         """
         return cls.from_checkpoint(load_checkpoint(resolve_model(name_or_path), n_head=n_head), dtype)
@@ -294,7 +230,7 @@ class GPT2:
         logits_to_keep: return logits for the last this-many positions only; 0 keeps all
         -> logits (B, T or logits_to_keep, V) in the model's dtype
         """
-        ids = self._check_ids(input_ids)
+        ids = self.check_ids(input_ids)
         B, T = ids.shape
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
             raise GPT2Error(f"logits_to_keep must be an integer >= 0 (0 keeps all), found {logits_to_keep!r}")
@@ -302,9 +238,8 @@ class GPT2:
             if T > self.config.n_positions:
                 raise GPT2Error(f"input_ids has {T} positions, more than n_positions={self.config.n_positions}")
             # Keys and values for this pass only, every position written before it is read; in
-            # memory kept from the last such pass, which saved 40-50 ms of page faults a
-            # 512-token forward here.
-            cache = KVCache(self.config, B, T, self.dtype, memory=self._scratch_memory)
+            # memory kept from the last such pass, which costs no page faults.
+            cache = KVCache(self.config, B, T, self.dtype, memory=self.workspace.keys_values)
         elif cache.batch_size != B:
             raise GPT2Error(f"cache holds batch size {cache.batch_size}, input_ids has {B}")
         start = cache.length
@@ -321,30 +256,27 @@ class GPT2:
                      else self._check_positions(position_ids, B, T))
         return self._forward(ids, positions, cache, logits_to_keep)
 
-    def _step(self, tokens, positions, cache: KVCache):
-        """One new token per row after what `cache` holds, as `generate` calls it: tokens [B]
-        from the sampler, positions [B] their position ids -> logits [B, V].
+    def decode_step(self, tokens, positions, cache: KVCache):
+        """One new token per row after what `cache` holds, as a decoding loop (`generate`) calls
+        it: tokens [B] ids in [0, V), positions [B] their position ids -> logits [B, V] in the
+        model's dtype; the cache grows by one position, not padding.
 
         `forward` without its checks of the arguments and its counting of positions from the
-        mask: with the caches cold from a step's 500 MB of weights they took 0.15 ms of a
-        12 ms step here.
+        mask: the caller made the tokens (a sampler's) and counts the positions itself, and a
+        step, which reads every weight, leaves the CPU's caches cold for that Python work.
         """
         cache.key_mask[:, cache.length] = True
         return self._forward(tokens[:, None], positions[:, None], cache, 0)[:, -1]
 
     def _forward(self, ids, positions, cache: KVCache, logits_to_keep: int):
         """The pass itself, arguments checked: ids, positions [B, T]; cache with room for T more,
-        its key_mask set for them -> logits (see `forward`)."""
+        its key_mask set for them -> logits (see `forward`). `ops.gpt2`, each block `ops.block`,
+        through the kernels; a prompt's intermediates come from `self.workspace`."""
         B, T = ids.shape
         start = cache.length
-        decoding = T == 1 and B <= kernels.FEW_ROWS
-        # A prompt's intermediates of 1 MB or more come from memory kept between forwards: made
-        # afresh, glibc handed much of it back to the OS between layers, and a 512-token forward
-        # spent up to 85 ms of system time on page faults (2,000-25,000 of them).
-        empty = np.empty if decoding else self._work_memory.empty
-        x = self._embed(ids, positions, empty)                                     # [B, T, C]
-        if decoding:
-            # A decoding step: each block below in one Numba call, the same maths.
+        x = self._embed(ids, positions)                                             # [B, T, C]
+        if T == 1 and B <= kernels.FEW_ROWS:
+            # A decoding step: each block in one Numba call, the same maths (`ops.block`).
             for layer, block in enumerate(self.h):
                 kernels.decode_block(x.reshape(B, -1), block, cache.k[layer], cache.v[layer], cache.key_mask,
                                      start, self.attn_scales[layer], self.config.layer_norm_epsilon)
@@ -353,11 +285,12 @@ class GPT2:
                 # The last block is needed only at the positions whose logits are kept (its keys
                 # and values still go into the cache for all T).
                 keep = min(logits_to_keep or T, T) if layer == len(self.h) - 1 else T
-                h = self._norm(x, block.ln_1, empty)
+                h = self._layer_norm(x, block.ln_1)                                 # ln_1(x)
                 x = x[:, T - keep:]                                                 # [B, keep, C]
-                self._attention(layer, block.attn, h, cache, keep, x, empty)        # x += attn(ln_1(x))
-                self._mlp(block.mlp, self._norm(x, block.ln_2, empty), x, empty)    # x += mlp(ln_2(x))
-        x = self._norm(x, self.ln_f, empty)
+                self._self_attention(layer, block.attn, h, cache, keep, residual=x)  # x = x + self_attention(h)
+                h = self._layer_norm(x, block.ln_2)                                 # ln_2(x)
+                self._mlp(block.mlp, h, residual=x)                                 # x = x + mlp(h)
+        x = self._layer_norm(x, self.ln_f)                                          # ln_f(x)
         cache.length = start + T
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -366,12 +299,13 @@ class GPT2:
     def _head(self, x):
         """x: [B, T, C] -> logits [B, T, V] = x @ wte.T: the output head is the embedding, tied."""
         B, T, _ = x.shape
-        return kernels.matmul_transposed(x, self.wte, self._logits_memory.empty((B, T, len(self.wte)), self.dtype))
+        logits = self.workspace.logits.empty((B, T, len(self.wte)), self.dtype)
+        return kernels.matmul_transposed(x, self.wte, logits)
 
-    def _embed(self, ids, positions, empty=np.empty):
-        """ids, positions: [B, T] -> x: [B, T, C] = wte[ids] + wpe[positions]."""
-        x = empty(ids.shape + (self.config.n_embd,), self.dtype)
-        position_rows = empty(x.shape, self.dtype)
+    def _embed(self, ids, positions):
+        """ids, positions: [B, T] -> x: [B, T, C] = wte[ids] + wpe[positions] (`ops.embedding`)."""
+        x = self.workspace.empty(ids.shape + (self.config.n_embd,), self.dtype)
+        position_rows = self.workspace.empty(x.shape, self.dtype)
         # mode="clip" (the ids and positions are checked already): with "raise" NumPy gathers
         # into a buffer of its own first.
         np.take(self.wte, ids, axis=0, out=x, mode="clip")
@@ -379,27 +313,30 @@ class GPT2:
         x += position_rows
         return x
 
-    def _norm(self, x, ln: LayerNorm, empty=np.empty):
-        return kernels.layer_norm(x, ln.weight, ln.bias, self.config.layer_norm_epsilon, empty)
+    def _layer_norm(self, x, ln: LayerNorm):
+        """x: [B, T, C] -> `ops.layer_norm(x, gamma, beta, eps)` with ln's parameters."""
+        return kernels.layer_norm(x, ln.weight, ln.bias, self.config.layer_norm_epsilon, self.workspace)
 
-    def _attention(self, layer: int, attn: Attention, x, cache: KVCache, keep: int, residual, empty=np.empty):
+    def _self_attention(self, layer: int, attn: Attention, x, cache: KVCache, keep: int, residual):
         """residual: [B, keep, C] += causal self-attention of x: [B, T, C] at its last `keep`
-        positions, the keys/values of all T appended to cache."""
+        positions (`ops.self_attention`), the keys/values of all T appended to cache."""
         B, T, C = x.shape
         H, D = self.config.n_head, self.config.head_dim
-        qkv = kernels.linear(x, attn.c_attn.weight, attn.c_attn.bias, empty).reshape(B, T, 3, H, D)
+        qkv = kernels.linear(x, attn.c_attn.weight, attn.c_attn.bias, self.workspace).reshape(B, T, 3, H, D)
         end = cache.length + T
         # The T new keys and values go into the cache (k, v: [B, H, S, D]) as the attention starts.
         heads = kernels.causal_attention(qkv[:, T - keep:, 0], cache.k[layer], cache.v[layer], cache.key_mask,
-                                         end - keep, self.attn_scales[layer], empty,
+                                         end - keep, self.attn_scales[layer], self.workspace,
                                          new_k=qkv[:, :, 1], new_v=qkv[:, :, 2])     # [B, keep, C]
-        # The sum is made by the BLAS adding the product onto the residual.
-        kernels.linear(heads, attn.c_proj.weight, attn.c_proj.bias, empty, add_to=residual)
+        # x = x + self_attention(ln_1(x))  (ops.block), the sum made by the BLAS
+        kernels.linear(heads, attn.c_proj.weight, attn.c_proj.bias, self.workspace, add_to=residual)
 
-    def _mlp(self, mlp: MLP, x, residual, empty=np.empty):
-        """residual: [B, T, C] += the MLP of x: [B, T, C]: widen to F, tanh-GELU, project back."""
-        h = kernels.linear_gelu(x, mlp.c_fc.weight, mlp.c_fc.bias, empty)           # [B, T, F]
-        kernels.linear(h, mlp.c_proj.weight, mlp.c_proj.bias, empty, add_to=residual)
+    def _mlp(self, mlp: MLP, x, residual):
+        """residual: [B, T, C] += the MLP of x: [B, T, C] (`ops.mlp`): widen to F, tanh-GELU,
+        project back."""
+        h = kernels.linear_gelu(x, mlp.c_fc.weight, mlp.c_fc.bias, self.workspace)  # [B, T, F]
+        # x = x + mlp(ln_2(x))  (ops.block), the sum made by the BLAS
+        kernels.linear(h, mlp.c_proj.weight, mlp.c_proj.bias, self.workspace, add_to=residual)
 
     def trace(self, input_ids, attention_mask=None) -> Trace:
         """The forward pass of the reference GPT-2 (`ops.gpt2`), keeping every layer's output.
@@ -490,7 +427,7 @@ class GPT2:
 
     def _checked_batch(self, input_ids, attention_mask):
         """-> ids [B, T] and key_mask [B, T] bool, checked, for a pass with no cache."""
-        ids = self._check_ids(input_ids)
+        ids = self.check_ids(input_ids)
         B, T = ids.shape
         if T > self.config.n_positions:
             raise GPT2Error(f"input_ids has {T} positions, more than n_positions={self.config.n_positions}")
@@ -517,7 +454,9 @@ class GPT2:
 
     # ---- input checks and plumbing -----------------------------------------------------
 
-    def _check_ids(self, input_ids) -> np.ndarray:
+    def check_ids(self, input_ids) -> np.ndarray:
+        """input_ids: (T,) or (B, T) integers -> ids [B, T] as given, or GPT2Error naming what is
+        wrong (the shape, the dtype, an id outside the vocabulary 0..V-1)."""
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None]

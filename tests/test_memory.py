@@ -1,6 +1,7 @@
-"""The logits' memory is reused only once nothing views it: a result the caller holds, or any
-slice or view of it, never changes. NumPy's own `np.shares_memory` is the judge of overlap,
-and transformers' logits of what was asked are the judge of content."""
+"""The pools of `memory` (the logits', the keys and values', a prompt's intermediates): memory is
+reused only once nothing views it: a result the caller holds, or any slice or view of it, never
+changes. NumPy's own `np.shares_memory` is the judge of overlap, and transformers' logits of what
+was asked are the judge of content."""
 
 import concurrent.futures
 import ctypes
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import tolerance
-from numpy_gpt2 import GPT2, buffers
-from numpy_gpt2.buffers import OutputMemory
+from numpy_gpt2 import GPT2
+from numpy_gpt2 import memory as memory_module
+from numpy_gpt2.memory import ReusableMemory
 
 MiB = 1 << 20
 
@@ -27,7 +29,7 @@ def _resident_bytes():
 
 @pytest.mark.parametrize("shape", [(3, 5), (4 * MiB // 4 + 7,), (12, 2 * MiB // 4 + 3)], ids=["small", "4 MiB", "2-D"])
 def test_faulted_in_empty_is_an_empty_array(shape):
-    a = buffers.faulted_in_empty(shape, np.float32)
+    a = memory_module.faulted_in_empty(shape, np.float32)
     assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
     a[...] = 1.5
     assert a.sum() == 1.5 * a.size
@@ -36,10 +38,10 @@ def test_faulted_in_empty_is_an_empty_array(shape):
 def test_faulted_in_empty_pages_are_resident_before_the_first_write():
     """The pages of a large array are in memory when it is handed out (the load's weights then
     take no page faults while they are copied)."""
-    if buffers._madvise() is None:
+    if memory_module._madvise() is None:
         pytest.skip("madvise(MADV_POPULATE_WRITE) does not exist here (not Linux, or a kernel before 5.14)")
     before = _resident_bytes()
-    a = buffers.faulted_in_empty((64 * MiB // 4,), np.float32)
+    a = memory_module.faulted_in_empty((64 * MiB // 4,), np.float32)
     assert _resident_bytes() - before >= 0.95 * a.nbytes
     b = np.empty(64 * MiB // 4, np.float32)  # np.empty's pages, for contrast, wait for a write
     assert _resident_bytes() - before < 1.5 * a.nbytes
@@ -47,7 +49,7 @@ def test_faulted_in_empty_pages_are_resident_before_the_first_write():
 
 
 def test_arrays_are_plain_writable_c_arrays():
-    memory = OutputMemory(max_bytes=64 * MiB, min_bytes=0)
+    memory = ReusableMemory(max_bytes=64 * MiB, min_bytes=0)
     a = memory.empty((3, 5, 7), np.float32)
     assert a.shape == (3, 5, 7) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
     a[...] = 1.5
@@ -65,7 +67,7 @@ def test_arrays_are_plain_writable_c_arrays():
     lambda a: [a[0]],
 ])
 def test_memory_a_view_holds_is_not_handed_out(keep):
-    memory = OutputMemory(max_bytes=64 * MiB, min_bytes=0)
+    memory = ReusableMemory(max_bytes=64 * MiB, min_bytes=0)
     first = memory.empty((4, 1000), np.float32)
     first[...] = 7
     kept = keep(first)
@@ -78,7 +80,7 @@ def test_memory_a_view_holds_is_not_handed_out(keep):
 
 
 def test_memory_is_reused_once_every_view_is_gone():
-    memory = OutputMemory(max_bytes=64 * MiB, min_bytes=0)
+    memory = ReusableMemory(max_bytes=64 * MiB, min_bytes=0)
     first = memory.empty((4, 1000), np.float32)
     address, view = _address(first), first[2:]
     del first
@@ -90,7 +92,7 @@ def test_memory_is_reused_once_every_view_is_gone():
 
 
 def test_a_result_in_a_reference_cycle_is_freed_by_the_collector():
-    memory = OutputMemory(max_bytes=64 * MiB, min_bytes=0)
+    memory = ReusableMemory(max_bytes=64 * MiB, min_bytes=0)
     first = memory.empty((1000,), np.float32)
     address = _address(first)
     cycle = [first]
@@ -101,7 +103,7 @@ def test_a_result_in_a_reference_cycle_is_freed_by_the_collector():
 
 
 def test_what_is_kept_is_bounded():
-    memory = OutputMemory(max_bytes=8 * MiB, max_blocks=2, min_bytes=MiB)
+    memory = ReusableMemory(max_bytes=8 * MiB, max_blocks=2, min_bytes=MiB)
     small = memory.empty((MiB // 8,), np.float32)            # 0.5 MiB: under min_bytes
     large = memory.empty((3 * MiB,), np.float32)             # 12 MiB: over max_bytes
     assert small.flags.owndata and large.flags.owndata and memory.kept_bytes == 0
@@ -114,7 +116,7 @@ def test_what_is_kept_is_bounded():
 
 
 def test_threads_never_share_a_block():
-    memory = OutputMemory(max_bytes=64 * MiB, max_blocks=4, min_bytes=0)
+    memory = ReusableMemory(max_bytes=64 * MiB, max_blocks=4, min_bytes=0)
 
     def fill(value):
         arrays = []
@@ -135,7 +137,7 @@ def test_threads_never_share_a_block():
 def pooled_model(tiny_ref, monkeypatch):
     """The tiny model, its logits pooled however small (the model's own rule keeps blocks of
     4 MB and more, which only the larger shapes reach)."""
-    monkeypatch.setattr(buffers, "MIN_BYTES", 0)
+    monkeypatch.setattr(memory_module, "MIN_BYTES", 0)
     return GPT2.from_pretrained(tiny_ref.hub_dir)
 
 
@@ -174,7 +176,7 @@ def test_a_forward_without_a_cache_never_reads_what_it_did_not_write(tiny_ref, d
     """Its keys and values come uninitialised from kept memory: filled with NaN here, the logits
     are still transformers' (padding included)."""
     model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype=dtype)
-    monkeypatch.setattr(model._scratch_memory, "empty", lambda shape, dtype: np.full(shape, np.nan, dtype))
+    monkeypatch.setattr(model.workspace.keys_values, "empty", lambda shape, dtype: np.full(shape, np.nan, dtype))
     ids = np.random.default_rng(5).integers(0, tiny_ref.config["vocab_size"], shape)
     mask = np.ones(shape, dtype=np.int64)
     mask[1, :shape[1] // 2] = 0                              # row 1 left-padded (when T > 1)
@@ -188,12 +190,12 @@ def test_a_forward_without_a_cache_never_reads_what_it_did_not_write(tiny_ref, d
 def test_the_keys_and_values_of_forwards_without_a_cache_are_kept_once(tiny_ref, pooled_model):
     ids = np.random.default_rng(6).integers(0, tiny_ref.config["vocab_size"], (2, 16))
     pooled_model(ids)
-    kept = pooled_model._scratch_memory.kept_bytes
+    kept = pooled_model.workspace.keys_values.kept_bytes
     c = tiny_ref.config
     assert kept == 2 * c["n_layer"] * 2 * c["n_head"] * 16 * (c["n_embd"] // c["n_head"]) * 4   # k and v
     for _ in range(3):
         logits = pooled_model(ids)
-    assert pooled_model._scratch_memory.kept_bytes == kept
+    assert pooled_model.workspace.keys_values.kept_bytes == kept
     expected = tiny_ref.logits(ids)
     np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32"))
 
@@ -212,7 +214,7 @@ def test_a_prompt_never_reads_what_it_did_not_write(tiny_ref, dtype, monkeypatch
         handed_out.append(shape)
         return np.full(shape, np.nan, dtype)
 
-    monkeypatch.setattr(model._work_memory, "empty", nan_filled)
+    monkeypatch.setattr(model.workspace.intermediates, "empty", nan_filled)
     ids = np.random.default_rng(7).integers(0, tiny_ref.config["vocab_size"], (2, 20))
     mask = np.ones(ids.shape, dtype=np.int64)
     mask[1, :6] = 0                                          # row 1 left-padded
@@ -233,24 +235,24 @@ def test_a_prompts_intermediates_are_kept_once(tiny_ref, monkeypatch):
     """After a first prompt, every intermediate of the next ones of the same shape comes from
     memory kept by then, and nothing more is kept."""
     model = GPT2.from_pretrained(tiny_ref.hub_dir)
-    monkeypatch.setattr(model._work_memory, "min_bytes", 0)  # the tiny model's are all small
+    monkeypatch.setattr(model.workspace.intermediates, "min_bytes", 0)  # the tiny model's are all small
     kept_results = []
-    take = model._work_memory.empty
+    take = model.workspace.intermediates.empty
 
     def recorded(shape, dtype):
         array = take(shape, dtype)
         kept_results.append(isinstance(array.base, ctypes.Array))
         return array
 
-    monkeypatch.setattr(model._work_memory, "empty", recorded)
+    monkeypatch.setattr(model.workspace.intermediates, "empty", recorded)
     ids = np.random.default_rng(8).integers(0, tiny_ref.config["vocab_size"], (2, 16))
     model(ids)
-    kept = model._work_memory.kept_bytes
+    kept = model.workspace.intermediates.kept_bytes
     assert kept > 0
     kept_results.clear()
     for _ in range(3):
         logits = model(ids)
     assert kept_results and all(kept_results)
-    assert model._work_memory.kept_bytes == kept
+    assert model.workspace.intermediates.kept_bytes == kept
     expected = tiny_ref.logits(ids)
     np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32"))

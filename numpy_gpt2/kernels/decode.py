@@ -1,0 +1,176 @@
+"""A decoding step: products of a few rows, attention of one query over the cache, and a whole
+block in one Numba call.
+
+A decoding step reads every weight once per token, so its speed is that of streaming the
+weights through memory. The model stores each matrix as [out, in] rows (`weight_t`, see
+`common.transposed_contiguous`), so `few_rows_matmul` gives each thread one contiguous run of
+rows to dot with x. Up to FEW_ROWS rows a step runs each block as one call (`decode_block`),
+the same loops with no Python between them.
+
+Threads: all of a step's parallel loops run in Numba's pool. Two pools taking turns fight for
+the cores, because each one's idle workers spin for a while after their last task: Numba's
+loops right after a multi-threaded BLAS product, or the parallel attention between the BLAS
+products of a many-row step, lose most of their time to that. Hence two builds of the attention
+over the cache: the parallel one for steps whose products run in Numba's pool too, the serial
+one for steps whose products go to the BLAS.
+"""
+
+import math
+
+import numba
+import numpy as np
+
+from .common import FAST, PARALLEL, start_numba_threads, transposed_contiguous
+from .elementwise import add_with_bias_, bias_gelu_rows, bias_gelu_rows_float32, layer_norm_rows
+
+
+@numba.njit(**PARALLEL)
+def few_rows_matmul(x, weight_t, out):
+    """out: [M, N] = x: [M, K] @ weight_t.T, weight_t: [N, K], for a few rows M (see FEW_ROWS).
+
+    Threads take blocks of the weight's rows, so each thread reads one contiguous stream through
+    memory; each row is read once and dotted with four rows of x at a time while it sits in L1.
+    """
+    N, K = weight_t.shape
+    M = x.shape[0]
+    n_blocks = min(N, 256)
+    per_block = (N + n_blocks - 1) // n_blocks
+    zero = out.dtype.type(0)
+    for block in numba.prange(n_blocks):
+        for n in range(block * per_block, min(N, (block + 1) * per_block)):
+            m = 0
+            while m + 4 <= M:
+                s0 = s1 = s2 = s3 = zero
+                for k in range(K):
+                    w = weight_t[n, k]
+                    s0 += w * x[m, k]
+                    s1 += w * x[m + 1, k]
+                    s2 += w * x[m + 2, k]
+                    s3 += w * x[m + 3, k]
+                out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = s0, s1, s2, s3
+                m += 4
+            while m < M:
+                s0 = zero
+                for k in range(K):
+                    s0 += weight_t[n, k] * x[m, k]
+                out[m, n] = s0
+                m += 1
+
+
+@numba.njit(inline="always", **FAST)
+def _attend_one(q, k, v, key_mask, start, scale, b, h, t, scores, out):
+    """One query, q[b, t, h]: its scores against the visible keys of head h, their softmax, and
+    the weighted sum of the values, in one pass over the cache -> out[b, t, h].
+
+    The decoding tier's masked softmax (the prompt's is `attention._softmax_visible_`).
+    """
+    S, D = k.shape[2], k.shape[3]
+    zero = q.dtype.type(0)
+    last = min(start + t + 1, S)
+    row_max = -np.inf
+    for s in range(last):
+        if key_mask[b, s]:
+            dot = zero
+            for d in range(D):
+                dot += q[b, t, h, d] * k[b, h, s, d]
+            scores[s] = dot * scale
+            row_max = max(row_max, scores[s])
+    for d in range(D):
+        out[b, t, h, d] = zero
+    if row_max == -np.inf:
+        return
+    total = 0.0
+    for s in range(last):
+        if key_mask[b, s]:
+            scores[s] = math.exp(scores[s] - row_max)
+            total += scores[s]
+    inv_total = 1.0 / total
+    for s in range(last):
+        if key_mask[b, s]:
+            w = q.dtype.type(scores[s] * inv_total)
+            for d in range(D):
+                out[b, t, h, d] += w * v[b, h, s, d]
+
+
+@numba.njit(**FAST)
+def attend_over_cache(q, k, v, key_mask, start, scale, out):
+    """q: [B, T, H, D]; k, v: [B, H, S, D]; key_mask: [B, S]; out: [B, T, H, D].
+
+    Every query through `_attend_one`, on the calling thread. Made for decoding (T small).
+    """
+    B, T, H, D = q.shape
+    scores = np.empty(k.shape[2], dtype=q.dtype)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                _attend_one(q, k, v, key_mask, start, scale, b, h, t, scores, out)
+
+
+@numba.njit(**PARALLEL)
+def attend_over_cache_parallel(q, k, v, key_mask, start, scale, out):
+    """`attend_over_cache` with the (row, head) pairs shared between Numba's threads."""
+    B, T, H, D = q.shape
+    for bh in numba.prange(B * H):
+        b, h = bh // H, bh % H
+        scores = np.empty(k.shape[2], dtype=q.dtype)
+        for t in range(T):
+            _attend_one(q, k, v, key_mask, start, scale, b, h, t, scores, out)
+
+
+@numba.njit(**FAST)
+def _decode_block(x, ln_1_gamma, ln_1_beta, c_attn_t, c_attn_bias, attn_proj_t, attn_proj_bias,
+                  ln_2_gamma, ln_2_beta, c_fc_t, c_fc_bias, mlp_proj_t, mlp_proj_bias,
+                  k, v, key_mask, start, scale, eps, float32):
+    """One block for one new position per row, x: [B, C] updated in place; k, v: [B, H, S, D]
+    (the layer's cache, position `start` written here); each matrix as its weight_t [out, in];
+    `float32` says which GELU loop (see `elementwise.bias_gelu`).
+
+    The same maths as `ops.block`, line by line in the comments, through the same loops as a
+    prompt's, in one call.
+    """
+    B, C = x.shape
+    H, D = k.shape[1], k.shape[3]
+    h = np.empty_like(x)
+    layer_norm_rows(x, ln_1_gamma, ln_1_beta, eps, h)                         # h = ln_1(x)
+    qkv = np.empty((B, 3 * C), dtype=x.dtype)
+    few_rows_matmul(h, c_attn_t, qkv)                                          # h @ c_attn.weight
+    q = np.empty((B, 1, H, D), dtype=x.dtype)
+    for b in range(B):                                                         # + c_attn.bias, split
+        for i in range(H * D):
+            q[b, 0, i // D, i % D] = qkv[b, i] + c_attn_bias[i]
+            k[b, i // D, start, i % D] = qkv[b, C + i] + c_attn_bias[C + i]
+            v[b, i // D, start, i % D] = qkv[b, 2 * C + i] + c_attn_bias[2 * C + i]
+    heads = np.empty((B, 1, H, D), dtype=x.dtype)
+    attend_over_cache_parallel(q, k, v, key_mask, start, scale, heads)
+    projected = np.empty_like(x)
+    few_rows_matmul(heads.reshape(B, C), attn_proj_t, projected)
+    add_with_bias_(x, projected, attn_proj_bias)                               # x = x + attention(ln_1(x))
+    layer_norm_rows(x, ln_2_gamma, ln_2_beta, eps, h)                         # h = ln_2(x)
+    F = c_fc_t.shape[0]
+    widened = np.empty((B, F), dtype=x.dtype)
+    few_rows_matmul(h, c_fc_t, widened)
+    activated = np.empty_like(widened)
+    if float32:
+        bias_gelu_rows_float32(widened, c_fc_bias, activated, 0, F)
+    else:
+        bias_gelu_rows(widened, c_fc_bias, activated, 0, F)
+    few_rows_matmul(activated, mlp_proj_t, projected)
+    add_with_bias_(x, projected, mlp_proj_bias)                                # x = x + mlp(ln_2(x))
+
+
+def decode_block(x, block, k, v, key_mask, start, scale, eps):
+    """x: [B, C], B <= FEW_ROWS rows of one new position each, updated in place by the block
+    `block` (a `model.Block`), its keys and values written to k, v: [B, H, S, D] at `start`;
+    key_mask: [B, S] (see `attention.causal_attention`).
+
+    Twin of `ops.block` for a decoding step, in one Numba call with no Python between the
+    steps of the block. tests/test_model.py holds the decoding steps it makes to transformers'
+    logits (`conftest.tolerance`: 1e-4 of the largest logit in float32, 1e-9 in float64).
+    """
+    start_numba_threads()
+    attn, mlp = block.attn, block.mlp
+    _decode_block(x, block.ln_1.weight, block.ln_1.bias, transposed_contiguous(attn.c_attn.weight),
+                  attn.c_attn.bias, transposed_contiguous(attn.c_proj.weight), attn.c_proj.bias,
+                  block.ln_2.weight, block.ln_2.bias, transposed_contiguous(mlp.c_fc.weight), mlp.c_fc.bias,
+                  transposed_contiguous(mlp.c_proj.weight), mlp.c_proj.bias,
+                  k, v, key_mask, start, x.dtype.type(scale), float(eps), x.dtype == np.float32)
