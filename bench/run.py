@@ -572,8 +572,10 @@ def main(argv=None) -> int:
         os.environ[var] = str(args.threads)
     if "torch" in args.engines:
         _import_torch_first()
+    from numpy_gpt2 import choose_blas_kernels
     from numpy_gpt2.errors import GPT2Error
 
+    choose_blas_kernels()  # as the command line does: the BLAS kernels that fit this CPU
     try:
         return _run(args)
     except (GPT2Error, OSError, RuntimeError) as exc:  # RuntimeError: a subprocess that failed

@@ -5,6 +5,10 @@
     tok = ng.Tokenizer.from_pretrained("gpt2")
     ids = model.generate([tok.encode("Hello")], max_new_tokens=20)
     print(tok.decode(ids[0]))
+
+Importing the package changes nothing outside it. On AMD Zen 4, `ng.choose_blas_kernels()` once
+at the start switches NumPy's OpenBLAS to the kernels that are faster there, for the whole
+process (the command line does this; see `threads.choose_blas_kernels`).
 """
 
 from .config import GPT2Config
@@ -13,11 +17,9 @@ from .model import GPT2, KVCache
 from .threads import choose_blas_kernels
 from .tokenizer import Tokenizer
 
-choose_blas_kernels()  # the BLAS kernels that fit this CPU (Haswell's on AMD Zen 4); see there
-
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT2", "GPT2Config", "KVCache", "Tokenizer",
+    "GPT2", "GPT2Config", "KVCache", "Tokenizer", "choose_blas_kernels",
     "GPT2Error", "ConfigError", "CheckpointError", "ModelNotFoundError", "TokenizerError",
 ]

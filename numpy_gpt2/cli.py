@@ -331,6 +331,9 @@ _COMMANDS = {"generate": _cmd_generate, "tokenize": _cmd_tokenize, "info": _cmd_
 def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    from .threads import choose_blas_kernels
+
+    choose_blas_kernels()  # this process is the command's own: the BLAS kernels that fit this CPU
     try:
         _COMMANDS[args.command](args)
     except (GPT2Error, OSError) as exc:

@@ -4,23 +4,24 @@ Two kinds of parallel work, each on as many threads as the BLAS has by default (
 unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS say otherwise; Numba follows NUMBA_NUM_THREADS):
 - a prompt's products and attention: the work is cut into one part per thread (bands of a
   product's output columns, groups of heads) and the parts run at once in Numba's pool, each
-  calling the BLAS single-threaded (`blas_single_threaded_parts`; see `kernels._gemm`). Where
+  calling the BLAS single-threaded (`blas_single_threaded_parts`; see `kernels.blas.gemm`). Where
   the BLAS's ?gemm cannot be called so, `run_in_parts` runs the parts, the caller's thread
   taking the first and a small pool of Python threads the others. The BLAS's own workers
-  are kept out of it on purpose: after each product they spin for about 0.1 s waiting for
-  more, and between products the Numba loops (softmax, GELU) then share a core with a
-  spinning thread; measured here, that made the same 512-token prompt take 550 or 690 ms
-  depending on where the scheduler put them. One pool, Numba's, for all of a forward's
-  parallel work avoids the same fight between Numba's spinning workers and Python's.
+  are kept out of it on purpose: after each product they spin for a while waiting for more,
+  and between products the Numba loops (softmax, GELU) then share a core with a spinning
+  thread, so that the same prompt's time depends on where the scheduler puts them. One pool,
+  Numba's, for all of a forward's parallel work avoids the same fight between Numba's
+  spinning workers and Python's.
 - a decoding step's products of a few rows and its attention run in Numba's thread pool (see
-  `kernels.py`).
+  `kernels.decode`).
 `set_threads(n)` sets the number for both, and for the BLAS outside these (it is found among
 the libraries this process has loaded and set through its own setter: OpenBLAS, as NumPy's
 wheels ship it, under any of its symbol prefixes; or MKL).
 
-Which of OpenBLAS's kernel sets the products use is chosen here too, once on import
-(`choose_blas_kernels`): on AMD Zen 4 its AVX2 kernels are faster than the AVX-512 ones it
-picks by itself.
+Which of OpenBLAS's kernel sets the products use can be chosen here too, by an explicit call
+that changes the whole process's NumPy (`choose_blas_kernels`, which the command line makes):
+on AMD Zen 4 its AVX2 kernels are faster than the AVX-512 ones it picks by itself. Importing
+numpy_gpt2 never makes it.
 """
 
 import concurrent.futures
@@ -97,16 +98,22 @@ def choose_blas_kernels() -> str | None:
     """On AMD Zen 4, switch NumPy's OpenBLAS from its AVX-512 kernels to its AVX2 (Haswell)
     ones; return the kernel set in force (see `blas_kernels`).
 
+        import numpy_gpt2
+        numpy_gpt2.choose_blas_kernels()   # once, before any thread uses NumPy's BLAS
+
     OpenBLAS picks its SkylakeX kernels for any CPU with AVX-512. Zen 4 runs a 512-bit
     instruction as two 256-bit halves, so they do the same arithmetic per cycle with blocking
-    tuned for Intel's caches: measured on a Zen 4 EPYC, float32 products of a prompt's shapes
-    ran 3-10% faster with the Haswell kernels, and a 512-token prompt 6-11% faster
-    (float64 products 5% slower). Nothing changes when OPENBLAS_CORETYPE is set (the user's
-    own choice), on other CPUs (Zen 5 has full-width AVX-512), or when the library does not
-    offer the switch (`gotoblas_dynamic_init` of a DYNAMIC_ARCH build with Haswell kernels).
+    tuned for Intel's caches, and float32 products of a prompt's shapes run faster with the
+    Haswell kernels (float64 ones a little slower). Nothing changes when OPENBLAS_CORETYPE is
+    set (the user's own choice), on other CPUs (Zen 5 has full-width AVX-512), or when the
+    library does not offer the switch (`gotoblas_dynamic_init` of a DYNAMIC_ARCH build with
+    Haswell kernels).
 
-    The switch replaces the kernel table of the whole process, so it must not run while
-    another thread is inside the BLAS: numpy-gpt2 calls it once, on import.
+    The switch replaces the kernel table of the whole process: every NumPy product after it,
+    numpy-gpt2's or not, runs the other kernels, and its float32 results can differ in their
+    last bits. So it is the caller's choice, never made on import: the command line (`cli.main`)
+    and the benchmark (bench/run.py) make it. It must not run while another thread is inside
+    the BLAS.
     """
     current = blas_kernels()
     if current is None or current.lower() not in _AVX512_KERNELS or "OPENBLAS_CORETYPE" in os.environ:

@@ -171,14 +171,17 @@ def test_zen4_is_recognised_from_cpuinfo(vendor, family, avx512, zen4):
 
 
 # OpenBLAS's own report of its kernel set, read without numpy_gpt2.
-_OPENBLAS_KERNELS = """
+_KERNELS_READER = """
 import ctypes, numpy
-libs = [line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()]
-corename = getattr(ctypes.CDLL(libs[0]), "gotoblas_corename", None) if libs else None
-if corename is not None:
+def openblas_kernels():
+    libs = [line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()]
+    corename = getattr(ctypes.CDLL(libs[0]), "gotoblas_corename", None) if libs else None
+    if corename is None:
+        return ""
     corename.restype = ctypes.c_char_p
-print(corename().decode() if corename is not None else "")
+    return corename().decode()
 """
+_OPENBLAS_KERNELS = _KERNELS_READER + "print(openblas_kernels())\n"
 
 
 def _run(code, **env):
@@ -187,19 +190,65 @@ def _run(code, **env):
                           check=True).stdout.strip()
 
 
+def _zen4_with_avx512_kernels(own: str) -> bool:
+    """Whether this machine is one where choose_blas_kernels switches: Zen 4, OpenBLAS on its
+    AVX-512 kernels (`own`, what it chose by itself)."""
+    return own.lower() in threads._AVX512_KERNELS and threads._zen_with_half_width_avx512(threads._cpu_info())
+
+
 def test_zen4_gets_the_avx2_kernels_and_a_set_coretype_is_kept():
-    """OpenBLAS's choice in a process without numpy_gpt2, against the one in force after its import."""
+    """OpenBLAS's choice in a process without numpy_gpt2, against the one in force after
+    numpy_gpt2.choose_blas_kernels()."""
     own = _run(_OPENBLAS_KERNELS)
     if not own:
         pytest.skip("NumPy's BLAS is not an OpenBLAS that names its kernels")
-    after_import = "import numpy_gpt2\n" + _OPENBLAS_KERNELS
-    if own.lower() in threads._AVX512_KERNELS and threads._zen_with_half_width_avx512(threads._cpu_info()):
-        assert _run(after_import) == "Haswell"
-        assert threads.blas_kernels() == "Haswell"  # this process, through numpy_gpt2's reader
+    after_choice = "import numpy_gpt2\nnumpy_gpt2.choose_blas_kernels()\n" + _OPENBLAS_KERNELS
+    if _zen4_with_avx512_kernels(own):
+        assert _run(after_choice) == "Haswell"
+        # numpy_gpt2's own reader, in a process that made the choice
+        assert _run("from numpy_gpt2 import threads\nthreads.choose_blas_kernels()\n"
+                    "print(threads.blas_kernels())") == "Haswell"
         # A coretype the user set is theirs: the same AVX-512 kernels stay.
-        assert _run(after_import, OPENBLAS_CORETYPE=own) == own
+        assert _run(after_choice, OPENBLAS_CORETYPE=own) == own
     else:
-        assert _run(after_import) == own  # any other CPU keeps what OpenBLAS chose
+        assert _run(after_choice) == own  # any other CPU keeps what OpenBLAS chose
+
+
+# Float32 products by NumPy on fixed data, then `import numpy_gpt2` (and the kernel choice when
+# CHOOSE is set), then the same products; and OpenBLAS's kernel set at both times, as OpenBLAS
+# itself reports it.
+_PRODUCTS_AROUND_IMPORT = _KERNELS_READER + """
+import os
+import numpy as np
+def products():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((256, 512), np.float32), rng.standard_normal((512, 384), np.float32)
+    x, y = rng.standard_normal(10_000, np.float32), rng.standard_normal(10_000, np.float32)
+    return (a @ b).tobytes() + np.dot(x, y).tobytes()
+before, kernels_before = products(), openblas_kernels()
+import numpy_gpt2
+if os.environ.get("CHOOSE"):
+    numpy_gpt2.choose_blas_kernels()
+print(products() == before, openblas_kernels() == kernels_before, kernels_before or "-")
+"""
+
+
+def test_import_changes_no_float32_result_of_numpy():
+    """`import numpy_gpt2` leaves NumPy as it found it: in a fresh process, a float32 matmul and
+    a float32 dot are the same bytes before and after the import, and OpenBLAS's kernel set is
+    the one it chose by itself.
+
+    Where choose_blas_kernels would switch (Zen 4 with OpenBLAS on its AVX-512 kernels), the
+    bytes themselves would show a switch made on import: the other kernels sum in another order.
+    On other CPUs the switch is never made, so the bytes cannot show it there; the kernel set
+    reported before and after still would, and any other change to NumPy's float32 results
+    made on import would show in the bytes."""
+    same_bytes, same_kernels, own = _run(_PRODUCTS_AROUND_IMPORT).split()
+    assert same_kernels == "True", f"OpenBLAS's kernel set changed on import (it was {own})"
+    assert same_bytes == "True", "a float32 product by NumPy changed on import"
+    if _zen4_with_avx512_kernels(own):
+        # Here the check can see a switch: after the explicit choice the same products differ.
+        assert _run(_PRODUCTS_AROUND_IMPORT, CHOOSE="1").split()[:2] == ["False", "False"]
 
 
 # One step of work per process, all sharing one Numba cache directory.
