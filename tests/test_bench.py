@@ -101,6 +101,36 @@ def test_quick_run_writes_results(tiny_ref, tmp_path):
     assert table.strip() in done.stdout
 
 
+def test_train_quick_run_writes_results(tmp_path):
+    # Reference: transformers' GPT2LMHeadModel trained by torch on the same checkpoint and batch;
+    # its first-step loss must be numpy-gpt2's (float32, 1e-4 relative), or the two engines
+    # were not timed on the same work.
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, str(BENCH / "train.py"), "--quick", "--out", str(tmp_path),
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    latest = json.loads((tmp_path / "train-latest.json").read_text())
+    assert set(latest["engines"]) == {"numpy", "torch"}
+    assert latest["cases"]
+    for case in latest["cases"]:
+        for engine in ("numpy", "torch"):
+            entry = case["engines"][engine]
+            assert len(entry["seconds"]) == latest["settings"]["repeats"] and entry["median"] > 0
+        agreement = case["loss_agreement"]
+        assert agreement["agree"] and agreement["relative_difference"] <= 1e-4, agreement
+        assert "status" not in case  # a quick run is not judged
+    assert latest["cases"][0]["bound"]["ratio_bound"] > 0
+    assert all(latest["rss"]["engines"][engine]["bytes"] > 0 for engine in ("numpy", "torch"))
+    for key in ("cpu", "cores", "blas", "versions", "threads", "numba_threading_layer"):
+        assert key in latest["machine"]
+    table = (tmp_path / "train-latest.md").read_text()
+    assert "| row | numpy-gpt2 | torch | ratio | target | PASS/MISS |" in table
+    assert "What bounds" in table and "agree" in table
+    assert table.strip() in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-latest.json", "train-latest.md"]
+
+
 @pytest.fixture(scope="module")
 def bound():
     """bench/bound.py as a module, with bench/ importable for its `measure` import."""
