@@ -10,11 +10,13 @@ import math
 import numpy as np
 
 from .errors import GPT2Error
+from .threads import run_in_parts
 from .weights.safetensors_file import SafetensorsFile, write_arrays
 
-# Elements per piece of a parameter updated at once: the pieces of p, g, m, v and the scratch
-# stay in the core's cache between the update's ten passes, so memory sees each array once.
-_PIECE = 1 << 15
+# Elements per piece of a parameter updated at once (whole rows, at least one): the pieces of
+# p, g, m, v and the scratch stay in the core's cache between the update's ten passes, so
+# memory sees each array once.
+_PIECE = 1 << 16
 
 
 def get_lr(step: int, lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:
@@ -57,19 +59,13 @@ def clip_grad_norm(grads: dict, max_norm: float | None) -> float:
 
 
 def _sum_of_squares(a: np.ndarray) -> float:
-    flat = _flat(a)
-    if flat is None:
-        flat = a.ravel()
+    flat = _in_memory_order(a).reshape(-1)
     return float(np.dot(flat, flat))
 
 
-def _flat(a: np.ndarray, order: str | None = None):
-    """The 1-D view of `a` in memory order when it is contiguous (in `order`, if given), else None."""
-    if a.flags.c_contiguous and order in (None, "C"):
-        return a.reshape(-1)
-    if a.flags.f_contiguous and order in (None, "F"):
-        return a.T.reshape(-1)
-    return None
+def _in_memory_order(a: np.ndarray) -> np.ndarray:
+    """`a`, or `a.T` when that is C-contiguous and `a` is not: the array as its memory runs."""
+    return a.T if a.ndim > 1 and not a.flags.c_contiguous and a.flags.f_contiguous else a
 
 
 class AdamW:
@@ -82,55 +78,69 @@ class AdamW:
         v  = beta2 * v + (1 - beta2) * g * g
         p  = p - lr / (1 - beta1 ** t) * m / (sqrt(v) / sqrt(1 - beta2 ** t) + eps)
 
-    m and v start at zero and have each parameter's shape, dtype and memory layout. The
-    defaults are torch's; nanoGPT trains GPT-2 with betas (0.9, 0.95) and weight_decay 0.1.
+    m and v start at zero, in each parameter's shape, dtype and memory layout (the model keeps
+    its matrices transposed in memory, see `GPT2.parameters`). The update runs over pieces of
+    `_PIECE` elements in the parameters' memory order, shared among the threads
+    (`threads.run_in_parts`): each piece's p, m, v, g and scratch stay in the core's cache
+    through the update's passes; a gradient laid out otherwise is copied piece by piece first.
+    The defaults are torch's; nanoGPT trains GPT-2 with betas (0.9, 0.95) and weight_decay 0.1.
     """
 
     def __init__(self, params: dict, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2):
-        """params: name -> the array to update in place (writable)."""
+        """params: name -> the array to update in place (writable; any memory layout)."""
         for name, p in params.items():
             if not p.flags.writeable:
                 raise GPT2Error(f"parameter {name} is read-only; AdamW updates parameters in place")
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) > 1:
+            raise GPT2Error(f"parameters of several dtypes ({', '.join(sorted(map(str, dtypes)))}); AdamW needs one")
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.exp_avg = {name: np.zeros_like(p) for name, p in params.items()}
         self.exp_avg_sq = {name: np.zeros_like(p) for name, p in params.items()}
         self.step_count = 0
-        dtypes = {p.dtype for p in params.values()}
-        if len(dtypes) > 1:
-            raise GPT2Error(f"parameters of several dtypes ({', '.join(sorted(map(str, dtypes)))}); AdamW needs one")
-        self._scratch = np.empty(max((p.size for p in params.values()), default=0), dtype=dtypes.pop() if dtypes else None)
+        self._dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
+        # The parameters whose memory order is the transpose's (F-contiguous); each piece is
+        # (name, rows of the array in memory order, its views of p, m and v, decays).
+        self._transposed = {name for name, p in params.items() if _in_memory_order(p) is not p}
+        self._pieces = []
+        for name, p in params.items():
+            p, m, v = (_in_memory_order(a) for a in (p, self.exp_avg[name], self.exp_avg_sq[name]))
+            step = max(1, _PIECE * p.shape[0] // p.size)
+            for begin in range(0, p.shape[0], step):
+                rows = slice(begin, begin + step)
+                self._pieces.append((name, rows, p[rows], m[rows], v[rows], decays(p)))
+        self._largest = max((piece[2].size for piece in self._pieces), default=0)
 
     def step(self, grads: dict, lr: float | None = None) -> None:
         """One update of every parameter from `grads` (name -> array of its shape); `lr`
         overrides the learning rate for this step (the schedule's value)."""
-        missing = self.params.keys() - grads.keys()
-        if missing:
-            raise GPT2Error(f"no gradient for parameter {sorted(missing)[0]}")
+        for name, p in self.params.items():
+            if name not in grads:
+                raise GPT2Error(f"no gradient for parameter {name}")
+            if grads[name].shape != p.shape:
+                raise GPT2Error(f"gradient {name} has shape {grads[name].shape}, expected {p.shape}")
+        grads = {name: grads[name].T if name in self._transposed else grads[name] for name in self.params}
         self.step_count += 1
         lr = self.lr if lr is None else lr
         beta1, beta2 = self.betas
         t = self.step_count
-        step_size = lr / (1 - beta1 ** t)
-        sqrt_correction2 = math.sqrt(1 - beta2 ** t)
-        for name, p in self.params.items():
-            g, m, v = grads[name], self.exp_avg[name], self.exp_avg_sq[name]
-            if g.shape != p.shape:
-                raise GPT2Error(f"gradient {name} has shape {g.shape}, expected {p.shape}")
-            c = p.dtype.type
-            constants = (c(1 - lr * self.weight_decay) if decays(p) else None,
-                         c(1 - beta1), c(beta2), c(1 - beta2), c(sqrt_correction2), c(self.eps), c(-step_size))
-            order = "C" if p.flags.c_contiguous else "F"
-            flats = [_flat(a, order) for a in (p, g, m, v)]
-            if any(f is None for f in flats):
-                s = self._scratch[:p.size].reshape(p.shape[::-1]).T if order == "F" else self._scratch[:p.size].reshape(p.shape)
-                _update(p, g, m, v, s, *constants)
-                continue
-            fp, fg, fm, fv = flats
-            for begin in range(0, p.size, _PIECE):
-                piece = slice(begin, begin + _PIECE)
-                _update(fp[piece], fg[piece], fm[piece], fv[piece], self._scratch[:fp[piece].size], *constants)
+        c = self._dtype.type
+        keep = c(1 - lr * self.weight_decay)
+        constants = (c(1 - beta1), c(beta2), c(1 - beta2), c(math.sqrt(1 - beta2 ** t)), c(self.eps),
+                     c(-lr / (1 - beta1 ** t)))
+
+        def work(start, stop):
+            scratch, copies = np.empty(self._largest, c), np.empty(self._largest, c)
+            for name, rows, p, m, v, decay in self._pieces[start:stop]:
+                g = grads[name][rows]
+                if not g.flags.c_contiguous or g.dtype != c:
+                    g = copies[:g.size].reshape(g.shape)
+                    np.copyto(g, grads[name][rows])
+                _update(p, g, m, v, scratch[:g.size].reshape(g.shape), keep if decay else None, *constants)
+
+        run_in_parts(len(self._pieces), work)
 
     def state_arrays(self) -> dict:
         """The state as name -> array: exp_avg.NAME and exp_avg_sq.NAME for each parameter."""

@@ -43,6 +43,7 @@ def random_parameters(rng):
         "h.0.ln_1.weight": 1 + 0.1 * rng.standard_normal(12),
         "h.0.attn.c_attn.weight": np.ascontiguousarray(rng.standard_normal((36, 12))).T,  # [12, 36], F order
         "h.0.attn.c_attn.bias": rng.standard_normal(36),
+        "h.0.mlp.c_fc.weight": np.ascontiguousarray(rng.standard_normal((48, 12))).T,  # [12, 48], F order
         "h.0.mlp.c_proj.weight": rng.standard_normal((48, 12)),
         "ln_f.bias": rng.standard_normal(12),
     }
@@ -53,8 +54,8 @@ def random_parameters(rng):
 
 def random_grads(rng, params, scale):
     grads = {name: scale * rng.standard_normal(p.shape) for name, p in params.items()}
-    # A gradient whose layout differs from its parameter's (C order against the F-order matrix).
-    grads["h.0.attn.c_attn.weight"] = np.ascontiguousarray(grads["h.0.attn.c_attn.weight"])
+    # One F-order matrix's gradient laid out as the matrix is, the other's not (C order).
+    grads["h.0.mlp.c_fc.weight"] = np.asfortranarray(grads["h.0.mlp.c_fc.weight"])
     return grads
 
 
