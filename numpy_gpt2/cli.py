@@ -186,7 +186,8 @@ def _add_training_commands(sub):
                        help=f"train from scratch a model of this shape: {_PRESET_NAMES}, or a config.json")
     tr.add_argument("--steps", type=_positive_int, help="optimizer steps in the run")
     tr.add_argument("--batch-size", type=_positive_int, help="rows per step (default: 8)")
-    tr.add_argument("--seq-len", type=_positive_int, help="tokens per row (default: 256)")
+    tr.add_argument("--seq-len", type=_positive_int, help="tokens per row (default: 256, or the model's "
+                                                          "n_positions if less)")
     tr.add_argument("--lr", type=_positive_float, help="peak learning rate (default: 6e-4, or 3e-5 with --init)")
     tr.add_argument("--min-lr", type=_non_negative_float, help="learning rate at the end (default: lr / 10)")
     tr.add_argument("--warmup", type=_non_negative_int, help="linear warmup steps (default: steps / 10)")

@@ -58,8 +58,7 @@ _STAGING, _COMPLETE = ".checkpoint.tmp", "COMPLETE"
 
 # nanoGPT's AdamW for GPT-2.
 BETAS, EPS = (0.9, 0.95), 1e-8
-DEFAULTS = dict(batch_size=8, seq_len=256, weight_decay=0.1, grad_clip=1.0, eval_batches=20, seed=1337,
-                dtype="float32")
+DEFAULTS = dict(batch_size=8, weight_decay=0.1, grad_clip=1.0, eval_batches=20, seed=1337, dtype="float32")
 # Settings a resumed run must keep: with any other, its weights would be those of no single run.
 _KEPT_ON_RESUME = ("init", "config", "batch_size", "seq_len", "lr", "min_lr", "warmup", "weight_decay",
                    "grad_clip", "seed", "dtype")
@@ -111,7 +110,8 @@ def train(data=None, out=None, init=None, config=None, steps=None, batch_size=No
     init: a checkpoint to fine-tune (a name such as "gpt2", or a path); config: for a model
     trained from scratch, a preset name or a config.json path (or a GPT2Config). One of the two,
     unless resuming.
-    steps: optimizer steps in the run; batch_size B, seq_len T: tokens per step B * T.
+    steps: optimizer steps in the run; batch_size B, seq_len T (default 256, or the model's
+    n_positions if less): tokens per step B * T.
     lr, min_lr, warmup: the schedule (defaults: lr 6e-4 from scratch and 3e-5 fine-tuning,
     nanoGPT's; min_lr lr / 10; warmup steps // 10). weight_decay (on 2-D parameters), grad_clip
     (max global norm, 0 for none). eval_every: steps between validation losses, each the mean
@@ -228,6 +228,7 @@ def _open_run(out: pathlib.Path, data, given: dict, resume: bool):
     _check_fits(model.config, settings, train_tokens, val_tokens, meta)
     return model, settings, previous, (train_tokens, val_tokens)
 
+
 def _new_model(given: dict):
     """-> (model, settings) for a new run: the checkpoint to fine-tune, or GPT-2's
     initialisation of the config; settings left None take their defaults."""
@@ -248,15 +249,10 @@ def _new_model(given: dict):
         model = GPT2(config, init_parameters(config, settings["seed"], settings["dtype"]), settings["dtype"])
         settings["config"] = config.to_dict()
         fine_tuning = False
-    steps = settings["steps"]
-    if settings["lr"] is None:
-        settings["lr"] = 3e-5 if fine_tuning else 6e-4
-    if settings["min_lr"] is None:
-        settings["min_lr"] = settings["lr"] / 10
-    if settings["warmup"] is None:
-        settings["warmup"] = steps // 10
-    if settings["eval_every"] is None:
-        settings["eval_every"] = max(1, steps // 10)
+    steps, lr = settings["steps"], settings["lr"] or (3e-5 if fine_tuning else 6e-4)
+    derived = dict(seq_len=min(256, model.config.n_positions), lr=lr, min_lr=lr / 10, warmup=steps // 10,
+                   eval_every=max(1, steps // 10))
+    settings.update({key: value for key, value in derived.items() if settings[key] is None})
     return model, settings
 
 
@@ -277,6 +273,8 @@ def _resumed_settings(saved: dict, given: dict, out: pathlib.Path) -> dict:
             continue
         if key == "config":
             value = _config_from(value).to_dict()
+        elif key == "init":
+            value = str(value)
         if key in _KEPT_ON_RESUME and value != saved[key]:
             flag = "--" + key.replace("_", "-")
             raise GPT2Error(f"--resume: {flag} {given[key]} differs from the run's {saved[key]} in {out}; "
@@ -294,8 +292,8 @@ def _check_new_run(out: pathlib.Path) -> None:
                         f"{state['settings']['steps']}); add --resume to continue it, or choose another --out")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if present:
-        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
-        raise GPT2Error(f"--out {out}: is not empty ({shown}); a new run needs a new or empty directory")
+        raise GPT2Error(f"--out {out}: is not empty ({', '.join(present[:3])}{', ...' if present[3:] else ''}); "
+                        "a new run needs a new or empty directory")
 
 
 def _check_fits(config: GPT2Config, settings: dict, train_tokens, val_tokens, meta) -> None:

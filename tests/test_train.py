@@ -277,3 +277,12 @@ def test_bad_input_is_one_line(data_dir, tiny_config, tmp_path, capsys, case, me
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("numpy-gpt2: error: "), err
     assert re.search(message, err), err
+
+
+@pytest.mark.slow
+def test_fine_tune_the_124m_shape(data_dir, gpt2_ref, tmp_path):
+    history = train(data=data_dir, out=tmp_path / "ft", init=gpt2_ref.hub_dir, steps=2, eval_every=2, lr=1e-4,
+                    **{**QUICK, "batch_size": 2, "seq_len": 32, "eval_batches": 1, "threads": None})
+    assert [r["step"] for r in history] == [0, 1, 2]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert GPT2.from_pretrained(tmp_path / "ft").num_parameters() == 124_439_808
