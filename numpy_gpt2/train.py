@@ -168,6 +168,9 @@ def train(data=None, out=None, init=None, config=None, steps=None, batch_size=No
                 # The last step's gradient arrays, overwritten: no model-sized allocation per step.
                 loss, grads = model.loss_and_grads(sample_batch(train_tokens, B, T, rng), grads=grads)
                 grad_norm = clip_grad_norm(grads, settings["grad_clip"])
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise GPT2Error(f"step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}: "
+                                    "training diverged; try a lower --lr")
                 updating = True
                 optimizer.step(grads, lr=lr_now)
                 updating = False

@@ -286,3 +286,8 @@ def test_fine_tune_the_124m_shape(data_dir, gpt2_ref, tmp_path):
     assert [r["step"] for r in history] == [0, 1, 2]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert GPT2.from_pretrained(tmp_path / "ft").num_parameters() == 124_439_808
+
+
+def test_a_diverging_run_stops_with_one_line(data_dir, tiny_config, tmp_path):
+    with np.errstate(all="ignore"), pytest.raises(GPT2Error, match=r"step \d: the loss is nan .*: training diverged"):
+        train(data=data_dir, out=tmp_path / "run", config=tiny_config, steps=5, lr=1e30, grad_clip=0, **QUICK)
