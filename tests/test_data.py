@@ -8,11 +8,12 @@ NumPy's reading of raw uint16 files; and the text itself, for what each batch ro
 import hashlib
 import io
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
 
-from numpy_gpt2 import cli, data
+from numpy_gpt2 import cli, data, threads
 from numpy_gpt2.data import Progress, load_tokens, prepare, sample_batch
 from numpy_gpt2.errors import GPT2Error
 
@@ -136,11 +137,16 @@ def test_cli_prepare_errors_are_one_line(tmp_path, capsys, monkeypatch, args, me
 
 
 def run_cli(*args):
-    """cli.main in this process -> its exit status (argparse's errors exit by SystemExit)."""
-    try:
-        return cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
+    """cli.main in this process -> its exit status (argparse's errors exit by SystemExit).
+
+    cli.main chooses the BLAS's kernels for the process it runs in (`choose_blas_kernels`);
+    here that is pytest's, whose other tests expect the BLAS as it was, so the choice is skipped.
+    """
+    with mock.patch.object(threads, "choose_blas_kernels", lambda: None):
+        try:
+            return cli.main([str(a) for a in args])
+        except SystemExit as exc:
+            return exc.code
 
 
 def test_load_tokens_errors(tmp_path):
