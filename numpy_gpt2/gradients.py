@@ -83,7 +83,7 @@ def _cross_entropy_to_gradient_(logits, targets, ignore):
     """logits [N, V] -> their gradient in place (`ops.cross_entropy_backward`); -> the loss.
 
     Row by row: the log-softmax of the target, then softmax - onehot over the counted rows,
-    divided by their count; an ignored row's gradient is 0.
+    divided by their count; an ignored row's gradient is 0. The loss is nan when no row counts.
     """
     n = logits.shape[0]
     count = 0
@@ -103,7 +103,7 @@ def _cross_entropy_to_gradient_(logits, targets, ignore):
         total += math.log(s) - math.log(row[targets[i]])
         row *= scale / s
         row[targets[i]] -= scale
-    return total / max(count, 1)
+    return total / count if count else np.nan
 
 
 @numba.njit(**_JIT)

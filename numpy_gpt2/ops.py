@@ -349,12 +349,15 @@ IGNORE_INDEX = -100  # a label that counts in no loss (transformers' and torch's
 
 def cross_entropy(logits, targets):
     """logits: [N, V]; targets: [N] ints, IGNORE_INDEX where nothing is predicted -> the mean over
-    the counted rows of -log softmax(logits)[target], as a float of the logits' dtype."""
+    the counted rows of -log softmax(logits)[target], a scalar of the logits' dtype (nan when no
+    row counts)."""
     counted = targets != IGNORE_INDEX
+    if not counted.any():
+        return logits.dtype.type(np.nan)  # a mean over nothing, as torch gives it
     rows = logits[counted]
     shifted = rows - rows.max(axis=-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return -log_probs[np.arange(len(rows)), targets[counted]].sum() / max(counted.sum(), 1)
+    return -log_probs[np.arange(len(rows)), targets[counted]].sum() / logits.dtype.type(len(rows))
 
 
 def cross_entropy_backward(logits, targets):
