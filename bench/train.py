@@ -97,10 +97,12 @@ def init_checkpoint(name: str, fields: dict, seed: int = 0) -> pathlib.Path:
 
 
 def model_path(model: str) -> tuple:
-    """(path, kind) of a case's model."""
+    """(path, what it holds and where) of a case's model."""
     if model == "gpt2":
-        return run.find_model(None)
-    return str(init_checkpoint(f"gpt2-{model}-init", MODELS[model])), "GPT-2 init"
+        path, kind = run.find_model(None)
+    else:
+        path, kind = str(init_checkpoint(f"gpt2-{model}-init", MODELS[model])), "GPT-2's init"
+    return path, f"{kind} ({run._shown_path(path)})"
 
 
 # ---- the engines ---------------------------------------------------------------------------
@@ -345,11 +347,11 @@ def markdown_table(results: dict) -> str:
     for case in results["cases"]:
         agreement = case.get("loss_agreement")
         if agreement:
-            verdict = "agree" if agreement["agree"] else "DIFFER"
+            verdict = ("agree", "the same model on the same batch") if agreement["agree"] else \
+                ("DIFFER", "not the same work, so the row is a MISS")
             lines.append(f"- {case['label']}: first-step losses {agreement['numpy']:.6f} (numpy-gpt2) and "
-                         f"{agreement['torch']:.6f} (torch) {verdict}, relative difference "
-                         f"{agreement['relative_difference']:.1e} (tolerance {LOSS_RTOL:g}): the same model on "
-                         "the same batch.")
+                         f"{agreement['torch']:.6f} (torch) {verdict[0]}, relative difference "
+                         f"{agreement['relative_difference']:.1e} (tolerance {LOSS_RTOL:g}): {verdict[1]}.")
     lines += [f"- {note}" for note in results["notes"]]
     lines += [_bound_note(case) for case in results["cases"] if "bound" in case]
     m = results["machine"]
@@ -471,7 +473,7 @@ def _run(args) -> int:
     vocab_size = load_checkpoint(path).config.vocab_size
     results["rss"] = {**measure_rss(rss_case, path, names, vocab_size, args.threads),
                       "model_path": run._shown_path(path)}
-    results["models"] = "; ".join(f"{model}: {kind}" for model, kind in kinds.items())
+    results["models"] = "; ".join(f"{model} model: {kind}" for model, kind in kinds.items())
     judge(results)
     results["load_average"]["end"] = os.getloadavg()
     results["machine"] = run.machine_info(args.threads)
