@@ -146,9 +146,20 @@ class TrainingBuffers:
 
 
 def new_grads(parameters: dict) -> dict:
-    """Arrays for the gradients of `parameters` (name -> array): the same names and shapes,
-    C-contiguous, uninitialised (every pass writes each one whole)."""
-    return {name: np.empty(p.shape, p.dtype) for name, p in parameters.items()}
+    """Arrays for the gradients of `parameters` (name -> array): the same names and shapes, each
+    laid out in memory as its parameter is (the model's matrices as [out, in] rows), so that the
+    optimizer walks a parameter and its gradient in the same order; uninitialised (every pass
+    writes each one whole)."""
+    return {name: np.empty_like(p) for name, p in parameters.items()}
+
+
+def _weight_gradient(x_in, dout, out):
+    """out [in, out] = x_in^T @ dout (`ops.linear_backward`'s dweight), by one BLAS call whichever
+    way `out` is laid out."""
+    if out.flags.c_contiguous:
+        np.matmul(x_in.T, dout, out=out)
+    else:
+        np.matmul(dout.T, x_in, out=out.T)
 
 
 def loss_and_grads(model, ids, key_mask, targets, grads, buffers: TrainingBuffers):
@@ -192,7 +203,7 @@ def loss_and_grads(model, ids, key_mask, targets, grads, buffers: TrainingBuffer
 
     # ---- the loss, and back ----
     loss = _cross_entropy_to_gradient_(dlogits, targets.ravel(), ops.IGNORE_INDEX)
-    matmul(dlogits.T, buf.out, grads["wte.weight"])                                     # the tied head
+    _weight_gradient(buf.out, dlogits, grads["wte.weight"].T)                          # the tied head
     dx = buf.dx
     dx[:] = 0
     _layer_norm_backward_add(matmul(dlogits, p["wte.weight"], buf.dnarrow), buf.xhat_f, buf.rstd_f,
@@ -202,7 +213,7 @@ def loss_and_grads(model, ids, key_mask, targets, grads, buffers: TrainingBuffer
 
         def linear_backward(dout, x_in, part, dx_out):
             """`ops.linear_backward` into the gradient arrays; dx_out = dout @ weight^T."""
-            matmul(x_in.T, dout, grads[name + part + ".weight"])
+            _weight_gradient(x_in, dout, grads[name + part + ".weight"])
             np.sum(dout, axis=0, out=grads[name + part + ".bias"])
             return matmul(dout, p[name + part + ".weight"].T, dx_out)
 
