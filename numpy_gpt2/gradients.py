@@ -163,7 +163,7 @@ def _weight_gradient(x_in, dout, out):
 
 
 def loss_and_grads(model, ids, key_mask, targets, grads, buffers: TrainingBuffers):
-    """One forward and backward pass: ids, key_mask, targets [B, T] (as `GPT2._training_batch`
+    """One forward and backward pass: ids, key_mask, targets [B, T] (as `inputs.training_batch`
     makes them) -> the loss; every gradient written into `grads` (see `new_grads`)."""
     config, p = model.config, model.parameters()
     B, T = ids.shape

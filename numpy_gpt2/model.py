@@ -8,12 +8,11 @@ so a tensor in the file can be followed to its use here.
 """
 
 import dataclasses
-import math
 import os
 
 import numpy as np
 
-from . import gradients, kernels, ops
+from . import gradients, inputs, kernels, ops
 from .config import GPT2Config
 from .errors import GPT2Error
 from .memory import ReusableMemory, Workspace, blocks_in_one_array, in_own_memory
@@ -161,12 +160,7 @@ class GPT2:
             for i in range(config.n_layer)
         ]
         self.ln_f = LayerNorm(t["ln_f.weight"], t["ln_f.bias"])
-        # The factor on q.k per layer: 1/sqrt(D), and 1/(layer+1) on top when configured.
-        self.attn_scales = [
-            (1 / math.sqrt(config.head_dim) if config.scale_attn_weights else 1.0)
-            / (i + 1 if config.scale_attn_by_inverse_layer_idx else 1)
-            for i in range(config.n_layer)
-        ]
+        self.attn_scales = ops.attention_scales(config)  # the factor on q.k in each layer
         # The memory the forward passes reuse: the logits, the keys and values of passes without
         # a cache, a prompt's intermediates (see `memory.Workspace`).
         self.workspace = Workspace(self.wte.nbytes + sum(
@@ -251,9 +245,9 @@ class GPT2:
         if attention_mask is None:
             cache.key_mask[:, start:start + T] = True
         else:
-            cache.key_mask[:, :start + T] = self._check_mask(attention_mask, B, start + T)
-        positions = (_count_positions(cache.key_mask[:, :start + T])[:, start:] if position_ids is None
-                     else self._check_positions(position_ids, B, T))
+            cache.key_mask[:, :start + T] = inputs.check_mask(attention_mask, B, start + T)
+        positions = (ops.position_ids_from_mask(cache.key_mask[:, :start + T])[:, start:] if position_ids is None
+                     else inputs.check_positions(position_ids, B, T, self.config.n_positions))
         return self._forward(ids, positions, cache, logits_to_keep)
 
     def decode_step(self, tokens, positions, cache: KVCache):
@@ -345,7 +339,7 @@ class GPT2:
         The same maths as `forward`, in plain NumPy with no cache: for reading and for looking
         inside, not for speed.
         """
-        ids, key_mask = self._checked_batch(input_ids, attention_mask)
+        ids, key_mask = inputs.check_batch(input_ids, attention_mask, self.config)
         out = ops.gpt2(self.params(), ids, self.config, key_mask)
         return Trace(out["logits"], out["hidden_states"], out["attentions"])
 
@@ -382,7 +376,7 @@ class GPT2:
         attention_mask: (B, T) of 0/1, 0 for padding.
         -> the mean over the counted positions (nan if none counts), in the model's dtype
         """
-        ids, key_mask, targets = self._training_batch(input_ids, labels, attention_mask)
+        ids, key_mask, targets = inputs.training_batch(input_ids, labels, attention_mask, self.config)
         logits = self.forward(ids, attention_mask=key_mask)
         return float(ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.ravel()))
 
@@ -397,42 +391,12 @@ class GPT2:
 
         The fast twin of `ops.gpt2` + `ops.cross_entropy` + `ops.gpt2_backward` (`gradients`).
         """
-        ids, key_mask, targets = self._training_batch(input_ids, labels, attention_mask)
+        ids, key_mask, targets = inputs.training_batch(input_ids, labels, attention_mask, self.config)
         if self._training_buffers is None or self._training_buffers.shape != ids.shape:
             self._training_buffers = None  # the old batch shape's memory goes before the new is made
             self._training_buffers = gradients.TrainingBuffers(self.config, *ids.shape, self.dtype)
         grads = gradients.new_grads(self.parameters()) if grads is None else grads
         return gradients.loss_and_grads(self, ids, key_mask, targets, grads, self._training_buffers), grads
-
-    def _training_batch(self, input_ids, labels, attention_mask):
-        """-> ids [B, T], key_mask [B, T] bool, targets [B, T]: what position t predicts (the
-        labels shifted by one, -100 where nothing is predicted)."""
-        ids, key_mask = self._checked_batch(input_ids, attention_mask)
-        if labels is None:
-            labels = np.where(key_mask, ids, ops.IGNORE_INDEX)
-        else:
-            labels = np.asarray(labels)
-            labels = labels[None] if labels.ndim == 1 else labels
-            if labels.shape != ids.shape or not np.issubdtype(labels.dtype, np.integer):
-                raise GPT2Error(f"labels must be integers of the shape of input_ids {ids.shape}, found "
-                                f"{labels.dtype} {labels.shape}")
-            bad = (labels != ops.IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))
-            if bad.any():
-                raise GPT2Error(f"labels contains {labels[bad][0]}, outside the vocabulary "
-                                f"0..{self.config.vocab_size - 1} (and not -100, the ignored label)")
-        targets = np.full(ids.shape, ops.IGNORE_INDEX, np.int64)
-        targets[:, :-1] = labels[:, 1:]
-        targets[~key_mask] = ops.IGNORE_INDEX  # a padding position sees no key: it predicts nothing
-        return ids, key_mask, targets
-
-    def _checked_batch(self, input_ids, attention_mask):
-        """-> ids [B, T] and key_mask [B, T] bool, checked, for a pass with no cache."""
-        ids = self.check_ids(input_ids)
-        B, T = ids.shape
-        if T > self.config.n_positions:
-            raise GPT2Error(f"input_ids has {T} positions, more than n_positions={self.config.n_positions}")
-        key_mask = np.ones((B, T), dtype=bool) if attention_mask is None else self._check_mask(attention_mask, B, T)
-        return ids, key_mask
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -455,48 +419,6 @@ class GPT2:
     # ---- input checks and plumbing -----------------------------------------------------
 
     def check_ids(self, input_ids) -> np.ndarray:
-        """input_ids: (T,) or (B, T) integers -> ids [B, T] as given, or GPT2Error naming what is
-        wrong (the shape, the dtype, an id outside the vocabulary 0..V-1)."""
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
-            raise GPT2Error(f"input_ids must have shape (T,) or (B, T) with T >= 1, found {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise GPT2Error(f"input_ids must be integers, found dtype {ids.dtype}")
-        low, high = ids.min(), ids.max()
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise GPT2Error(f"input_ids contains {bad}, outside the vocabulary 0..{self.config.vocab_size - 1}")
-        return ids
-
-    @staticmethod
-    def _check_mask(attention_mask, B: int, S: int) -> np.ndarray:
-        """attention_mask as bool [B, S], or GPT2Error naming what is wrong."""
-        mask = np.asarray(attention_mask)
-        if mask.ndim == 1:
-            mask = mask[None]
-        if mask.shape != (B, S):
-            raise GPT2Error(f"attention_mask must have shape (B, cached + new) = {(B, S)}, found {mask.shape}")
-        if not np.isin(mask, (0, 1)).all():
-            raise GPT2Error("attention_mask must hold only 0 and 1")
-        return mask.astype(bool)
-
-    def _check_positions(self, position_ids, B: int, T: int) -> np.ndarray:
-        positions = np.asarray(position_ids)
-        if positions.ndim == 1:
-            positions = positions[None]
-        if positions.shape != (B, T) or not np.issubdtype(positions.dtype, np.integer):
-            raise GPT2Error(f"position_ids must be integers of shape {(B, T)}, found "
-                            f"{positions.dtype} {positions.shape}")
-        if positions.min() < 0 or positions.max() >= self.config.n_positions:
-            raise GPT2Error(f"position_ids must be in 0..{self.config.n_positions - 1}")
-        return positions
-
-
-def _count_positions(key_mask: np.ndarray) -> np.ndarray:
-    """key_mask: [B, S] bool -> the position id of each slot [B, S].
-
-    Padding does not advance the position: a left-padded row starts at 0 as it would alone.
-    """
-    return np.maximum(np.cumsum(key_mask, axis=1) - 1, 0)
+        """input_ids: (T,) or (B, T) integers -> ids [B, T], or GPT2Error naming what is wrong
+        (see `inputs.check_ids`)."""
+        return inputs.check_ids(input_ids, self.config.vocab_size)

@@ -11,13 +11,13 @@ float32 rounding through three layers and a loss over up to 1000 classes).
 import numpy as np
 import pytest
 
-from numpy_gpt2 import GPT2, ops
+from numpy_gpt2 import GPT2, inputs, ops
 
 BOUND = {"float64": 1e-12, "float32": 1e-5}
 
 
 def _reference(model, ids, labels, mask):
-    ids, key_mask, targets = model._training_batch(ids, labels, mask)
+    ids, key_mask, targets = inputs.training_batch(ids, labels, mask, model.config)
     params = model.params()
     forward = ops.gpt2(params, ids, model.config, key_mask)
     logits = forward["logits"].reshape(-1, model.config.vocab_size)

@@ -6,6 +6,8 @@ was asked are the judge of content."""
 import concurrent.futures
 import ctypes
 import gc
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -35,17 +37,34 @@ def test_faulted_in_empty_is_an_empty_array(shape):
     assert a.sum() == 1.5 * a.size
 
 
+_RESIDENT_BEFORE_THE_FIRST_WRITE = """
+import numpy as np
+from numpy_gpt2 import memory
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+if memory._madvise() is None:
+    print("no-madvise")
+else:
+    before = resident()
+    a = memory.faulted_in_empty((64 << 20 >> 2,), np.float32)
+    after_a = resident()
+    b = np.empty(64 << 20 >> 2, np.float32)
+    print(after_a - before, resident() - before, a.nbytes)
+"""
+
+
 def test_faulted_in_empty_pages_are_resident_before_the_first_write():
     """The pages of a large array are in memory when it is handed out (the load's weights then
-    take no page faults while they are copied)."""
-    if memory_module._madvise() is None:
+    take no page faults while they are copied). In a fresh process: in this one, memory an
+    earlier test freed may come back already resident, and the array would prove nothing."""
+    out = subprocess.run([sys.executable, "-c", _RESIDENT_BEFORE_THE_FIRST_WRITE], capture_output=True, text=True,
+                         check=True).stdout.split()
+    if out == ["no-madvise"]:
         pytest.skip("madvise(MADV_POPULATE_WRITE) does not exist here (not Linux, or a kernel before 5.14)")
-    before = _resident_bytes()
-    a = memory_module.faulted_in_empty((64 * MiB // 4,), np.float32)
-    assert _resident_bytes() - before >= 0.95 * a.nbytes
-    b = np.empty(64 * MiB // 4, np.float32)  # np.empty's pages, for contrast, wait for a write
-    assert _resident_bytes() - before < 1.5 * a.nbytes
-    del a, b
+    grown_by_a, grown_by_both, nbytes = map(int, out)
+    assert grown_by_a >= 0.95 * nbytes
+    assert grown_by_both < 1.5 * nbytes  # np.empty's pages, for contrast, wait for a write
 
 
 def test_arrays_are_plain_writable_c_arrays():
