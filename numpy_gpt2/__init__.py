@@ -1,4 +1,4 @@
-"""numpy-gpt2: GPT-2 inference in plain NumPy, exact against Hugging Face transformers.
+"""numpy-gpt2: GPT-2 in plain NumPy, exact against Hugging Face transformers, forward and backward.
 
     import numpy_gpt2 as ng
     model = ng.GPT2.from_pretrained("gpt2")

@@ -224,7 +224,7 @@ def _cmd_generate(args):
 
         set_threads(args.threads)
     path = resolve_model(args.model)
-    # The tokenizer's files are parsed (0.15 s) while the weights are copied, mostly outside the GIL.
+    # The tokenizer's files are parsed while the weights are copied, mostly outside the GIL.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         tokenizer = pool.submit(Tokenizer.from_pretrained, path)
         model = GPT2.from_pretrained(path, dtype=args.dtype, n_head=args.n_head)

@@ -20,8 +20,11 @@ import math
 
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 from . import ops
+from .kernels.float32math import exp_float32_, tanh_float32
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
@@ -54,6 +57,19 @@ def _layer_norm_backward_add(dout, xhat, rstd, gamma, dx, dgamma, dbeta):
         dbeta += dout[i]
 
 
+def _tanh(u):
+    """tanh in the loops below: float32's `tanh_float32`, which has no call in it so that the
+    loops vectorise, and math.tanh for float64 (see the overload)."""
+    return math.tanh(u)
+
+
+@overload(_tanh, jit_options=_JIT)
+def _tanh_for(u):
+    if isinstance(u, types.Float) and u.bitwidth == 32:
+        return lambda u: tanh_float32(u)
+    return lambda u: math.tanh(u)
+
+
 @numba.njit(**_JIT)
 def _bias_gelu_keep(f, bias, g):
     """f [N, F] += bias; g = gelu_tanh(f) (`ops.gelu_tanh`), f kept for the backward."""
@@ -61,9 +77,11 @@ def _bias_gelu_keep(f, bias, g):
     a = f.dtype.type(0.044715)
     half = f.dtype.type(0.5)
     for i in range(f.shape[0]):
-        f[i] += bias
-        x = f[i]
-        g[i] = half * x * (1 + np.tanh(c * (x + a * x * x * x)))
+        f_i, g_i = f[i], g[i]
+        for j in range(f.shape[1]):
+            x = f_i[j] + bias[j]
+            f_i[j] = x
+            g_i[j] = half * x * (1 + _tanh(c * (x + a * x * x * x)))
 
 
 @numba.njit(**_JIT)
@@ -73,9 +91,28 @@ def _gelu_backward_(dg, f):
     a = f.dtype.type(0.044715)
     half = f.dtype.type(0.5)
     for i in range(f.shape[0]):
-        x = f[i]
-        t = np.tanh(c * (x + a * x * x * x))
-        dg[i] *= half * (1 + t) + half * x * (1 - t * t) * c * (1 + 3 * a * x * x)
+        f_i, dg_i = f[i], dg[i]
+        for j in range(f.shape[1]):
+            x = f_i[j]
+            t = _tanh(c * (x + a * x * x * x))
+            dg_i[j] *= half * (1 + t) + half * x * (1 - t * t) * c * (1 + 3 * a * x * x)
+
+
+def _exp_shifted_(row, shift):
+    """row <- exp(row - shift) in place, for arguments up to 0: float32's `exp_float32_`, which
+    vectorises, or math.exp for float64 (see the overload)."""
+    row[:] = np.exp(row - shift)
+
+
+@overload(_exp_shifted_, jit_options=_JIT)
+def _exp_shifted_for(row, shift):
+    if row.dtype == types.float32:
+        return lambda row, shift: exp_float32_(row, len(row), np.float32(1), shift)
+
+    def exp_shifted(row, shift):
+        for j in range(len(row)):
+            row[j] = math.exp(row[j] - shift)
+    return exp_shifted
 
 
 @numba.njit(**_JIT)
@@ -97,10 +134,10 @@ def _cross_entropy_to_gradient_(logits, targets, ignore):
             row[:] = 0
             continue
         top = row.max()
-        row -= top
-        row[:] = np.exp(row)
+        target_logit = row[targets[i]] - top  # log p(target) = this - log(sum): finite when exp underflows
+        _exp_shifted_(row, top)
         s = row.sum()
-        total += math.log(s) - math.log(row[targets[i]])
+        total += math.log(s) - target_logit
         row *= scale / s
         row[targets[i]] -= scale
     return total / count if count else np.nan
@@ -167,8 +204,8 @@ def loss_and_grads(model, ids, key_mask, targets, grads, buffers: TrainingBuffer
     makes them) -> the loss; every gradient written into `grads` (see `new_grads`)."""
     config, p = model.config, model.parameters()
     B, T = ids.shape
-    N, C, H, D, eps = B * T, config.n_embd, config.n_head, config.head_dim, config.layer_norm_epsilon
-    eps = p["wte.weight"].dtype.type(eps)
+    N, C, H = B * T, config.n_embd, config.n_head
+    eps = p["wte.weight"].dtype.type(config.layer_norm_epsilon)
     buf = buffers
     positions = ops.position_ids_from_mask(key_mask).ravel()
     scales = ops.attention_scales(config)

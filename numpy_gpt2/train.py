@@ -23,11 +23,9 @@ uninterrupted one would have, bit for bit.
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import pathlib
-import shutil
 import signal
 import sys
 import threading
@@ -35,26 +33,14 @@ import time
 
 import numpy as np
 
+from . import runs
 from .config import PRESETS, GPT2Config
 from .data import Progress, load_tokens, sample_batch
 from .errors import GPT2Error
-from .fileio import atomic_path, atomic_write_bytes
 from .model import DTYPES, GPT2
 from .optim import AdamW, clip_grad_norm, get_lr
 from .threads import set_threads
-from .tokenizer import find_tokenizer_files, packaged_files
 from .weights import expected_shapes
-from .weights.resolve import resolve_model
-from .weights.safetensors_file import write_arrays
-
-STATE_FILE = "training_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-LOG_FILE = "log.jsonl"
-PLOT_FILE = "loss.png"
-# The files of one checkpoint, in the order they are moved into place: the state file last,
-# since the step it names is the step of the checkpoint.
-CHECKPOINT_FILES = ("model.safetensors", OPTIMIZER_FILE, "config.json", STATE_FILE)
-_STAGING, _COMPLETE = ".checkpoint.tmp", "COMPLETE"
 
 # nanoGPT's AdamW for GPT-2.
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -136,32 +122,32 @@ def train(data=None, out=None, init=None, config=None, steps=None, batch_size=No
     model, settings, previous, (train_tokens, val_tokens) = _open_run(out, data, given, resume)
     if threads is not None:
         set_threads(threads)
-    draw = _plotter(plot)
+    draw = runs.plotter(plot)
     optimizer = AdamW(model.parameters(), lr=settings["lr"], betas=BETAS, eps=EPS,
                       weight_decay=settings["weight_decay"])
     rng = np.random.default_rng(settings["seed"])
     if previous is None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_tokenizer(out, settings["init"])
+        runs.write_tokenizer(out, settings["init"])
         history, start = [], 0
     else:
-        optimizer.load(out / OPTIMIZER_FILE)
+        optimizer.load(out / runs.OPTIMIZER_FILE)
         rng.bit_generator.state = previous["rng"]
-        history, start = _read_log(out / LOG_FILE, previous["step"]), previous["step"]
+        history, start = runs.read_log(out / runs.LOG_FILE, previous["step"]), previous["step"]
         if optimizer.step_count != start:
-            raise GPT2Error(f"{out / OPTIMIZER_FILE}: holds step {optimizer.step_count}, {STATE_FILE} step {start}")
+            raise GPT2Error(f"{out / runs.OPTIMIZER_FILE}: holds step {optimizer.step_count}, {runs.STATE_FILE} step {start}")
     run = {"data": _data_identity(train_tokens, val_tokens, settings["data"]), "settings": settings}
 
     B, T, steps = settings["batch_size"], settings["seq_len"], settings["steps"]
     val_batches = _validation_batches(val_tokens, settings)
     bar = Progress(steps, enabled=progress)
-    log = open(out / LOG_FILE, "a", encoding="utf-8")
+    log = open(out / runs.LOG_FILE, "a", encoding="utf-8")
     saved, updating, grads = None if previous is None else start, False, None
     with log, _deferred_interrupts() as interrupted:
         try:
             if not history:
                 history.append({"step": 0, "val_loss": _evaluate(model, val_batches)})
-                _append(log, history[-1])
+                runs.append(log, history[-1])
             for step in range(start, steps):
                 began = time.perf_counter()
                 lr_now = get_lr(step, settings["lr"], settings["min_lr"], settings["warmup"], steps)
@@ -180,12 +166,12 @@ def train(data=None, out=None, init=None, config=None, steps=None, batch_size=No
                 if last or (step + 1) % settings["eval_every"] == 0:
                     record["val_loss"] = _evaluate(model, val_batches)
                 history.append(record)
-                _append(log, record)
+                runs.append(log, record)
                 bar.update(step + 1, _describe(record, history, steps))
                 if "val_loss" in record:
-                    _save(out, model, optimizer, rng, step + 1, run)
+                    runs.save(out, model, optimizer, rng, step + 1, run)
                     saved = step + 1
-                    draw(out / PLOT_FILE, history)
+                    draw(out / runs.PLOT_FILE, history)
                 if callback is not None:
                     callback(record)
                 if interrupted.is_set():
@@ -197,8 +183,8 @@ def train(data=None, out=None, init=None, config=None, steps=None, batch_size=No
                 raise TrainingInterrupted(saved, out, during_update=True) from None
             step_done = optimizer.step_count
             if saved != step_done:
-                _save(out, model, optimizer, rng, step_done, run)
-                draw(out / PLOT_FILE, history)
+                runs.save(out, model, optimizer, rng, step_done, run)
+                draw(out / runs.PLOT_FILE, history)
             raise TrainingInterrupted(step_done, out) from None
     bar.close()
     return history
@@ -209,9 +195,9 @@ def train(data=None, out=None, init=None, config=None, steps=None, batch_size=No
 def _open_run(out: pathlib.Path, data, given: dict, resume: bool):
     """-> (model, settings, the saved training state or None, (train, val) tokens): the run
     in `out` to resume, or a new one, each setting and the data checked."""
-    _finish_interrupted_save(out)
+    runs.finish_interrupted_save(out)
     if resume:
-        previous = _read_state(out)
+        previous = runs.read_state(out)
         settings = _resumed_settings(previous["settings"], given, out)
         data = settings["data"] if data is None else data
     else:
@@ -289,8 +275,8 @@ def _resumed_settings(saved: dict, given: dict, out: pathlib.Path) -> dict:
 def _check_new_run(out: pathlib.Path) -> None:
     if out.exists() and not out.is_dir():
         raise GPT2Error(f"--out {out}: is a file, expected a directory")
-    if (out / STATE_FILE).is_file():
-        state = _read_state(out)
+    if (out / runs.STATE_FILE).is_file():
+        state = runs.read_state(out)
         raise GPT2Error(f"--out {out}: holds a training run (step {state['step']} of "
                         f"{state['settings']['steps']}); add --resume to continue it, or choose another --out")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -344,25 +330,6 @@ def _describe(record: dict, history: list, steps: int) -> str:
     return text + f" | {record['tokens_per_s']:,.0f} tok/s"
 
 
-def _append(log, record: dict) -> None:
-    log.write(json.dumps(record) + "\n")
-    log.flush()
-
-
-def _read_log(path: pathlib.Path, step: int) -> list:
-    """The log's records up to `step` (a run stopped after its last checkpoint logged more),
-    rewritten so that the log goes on from there."""
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if record["step"] <= step:
-                    records.append(record)
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
-    return records
-
-
 @contextlib.contextmanager
 def _deferred_interrupts():
     """Ctrl-C sets the yielded event instead of raising, so the loop stops between steps with
@@ -384,93 +351,3 @@ def _deferred_interrupts():
         yield event
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-# ---- checkpoints ----------------------------------------------------------------------------
-
-def _save(out: pathlib.Path, model: GPT2, optimizer: AdamW, rng, step: int, run: dict) -> None:
-    """Write the checkpoint of `step` into the staging directory, mark it complete, move it in.
-    run: what the state file records besides the step and the generator (settings, data)."""
-    staging = out / _STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    write_arrays(staging / "model.safetensors", model.parameters(), metadata={"format": "pt", "step": str(step)})
-    optimizer.save(staging / OPTIMIZER_FILE)
-    model.config.save_json(staging / "config.json")
-    record = {**run, "step": step, "rng": rng.bit_generator.state}
-    atomic_write_bytes(staging / STATE_FILE, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
-    atomic_write_bytes(staging / _COMPLETE, b"")
-    _finish_interrupted_save(out)
-
-
-def _finish_interrupted_save(out: pathlib.Path) -> None:
-    """Move a complete staged checkpoint into `out` (the rest of one, if a move stopped half
-    way); drop one never marked complete."""
-    staging = out / _STAGING
-    if not staging.is_dir():
-        return
-    if (staging / _COMPLETE).is_file():
-        for name in CHECKPOINT_FILES:
-            if (staging / name).is_file():
-                os.replace(staging / name, out / name)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _read_state(out: pathlib.Path) -> dict:
-    path = out / STATE_FILE
-    if not path.is_file():
-        raise GPT2Error(f"--resume: {out} holds no training run to resume (no {STATE_FILE})")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        state = None
-    if not isinstance(state, dict) or {"step", "settings", "rng", "data"} - state.keys():
-        raise GPT2Error(f"{path}: not a training state numpy-gpt2 wrote")
-    return state
-
-
-def _write_tokenizer(out: pathlib.Path, init) -> None:
-    """The BPE files of the model fine-tuned (or GPT-2's), as vocab.json and merges.txt."""
-    found = None
-    if init is not None:
-        source = pathlib.Path(resolve_model(init))
-        found = find_tokenizer_files(source if source.is_dir() else source.parent)
-    for source, name in zip(found or packaged_files(), ("vocab.json", "merges.txt")):
-        atomic_write_bytes(out / name, pathlib.Path(source).read_bytes())
-
-
-# ---- the plot -------------------------------------------------------------------------------
-
-def _plotter(plot):
-    """-> draw(path, history): loss.png when matplotlib is there (and `plot` is not False)."""
-    if plot is False:
-        return lambda path, history: None
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        if plot:
-            raise GPT2Error("plot=True needs matplotlib: pip install 'numpy-gpt2[plot]'") from None
-        print("numpy-gpt2: matplotlib is not installed, so no loss.png (pip install 'numpy-gpt2[plot]')",
-              file=sys.stderr)
-        return lambda path, history: None
-
-    def draw(path, history):
-        # A Figure of its own, not pyplot: no global backend or figure state changes.
-        figure = Figure(figsize=(7, 4), dpi=100)
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-        if train:
-            axes.plot(*zip(*train), lw=1, label="train")
-        axes.plot(*zip(*val), "o-", ms=3, label="validation")
-        axes.set_xlabel("step")
-        axes.set_ylabel("cross-entropy (nats per token)")
-        axes.grid(alpha=0.3)
-        axes.legend()
-        figure.tight_layout()
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, format="png")
-
-    return draw

@@ -67,3 +67,25 @@ def test_reused_grads_and_buffers_give_the_same_result(tiny_ref):
     assert loss_again == loss
     for name, g in fresh.items():
         np.testing.assert_array_equal(grads[name], g, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_loss_loop_against_torch_with_far_apart_logits(dtype):
+    """`gradients._cross_entropy_to_gradient_` (the loss and its gradient in place) against
+    torch's cross_entropy and autograd, on rows where the target's logit is 200 below the row's
+    maximum (its exp underflows in both dtypes) and on an ignored row."""
+    torch = pytest.importorskip("torch")
+    from numpy_gpt2 import gradients
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, (5, 300)).astype(dtype)
+    targets = np.array([7, 0, ops.IGNORE_INDEX, 299, 42])
+    logits[1, 0] -= 200
+    logits[3, 299] -= 200
+    t = torch.tensor(logits, requires_grad=True)
+    expected = torch.nn.functional.cross_entropy(t, torch.from_numpy(targets), ignore_index=ops.IGNORE_INDEX)
+    expected.backward()
+    work = logits.copy()
+    loss = gradients._cross_entropy_to_gradient_(work, targets, ops.IGNORE_INDEX)
+    assert np.isfinite(loss) and loss == pytest.approx(expected.item(), rel=BOUND[dtype])
+    assert np.abs(work - t.grad.numpy()).max() <= BOUND[dtype] * np.abs(t.grad.numpy()).max()

@@ -27,7 +27,8 @@ from numpy_gpt2 import GPT2, threads
 from numpy_gpt2.config import GPT2Config
 from numpy_gpt2.data import prepare
 from numpy_gpt2.errors import GPT2Error
-from numpy_gpt2.train import STATE_FILE, TrainingInterrupted, init_parameters, train
+from numpy_gpt2.runs import STATE_FILE
+from numpy_gpt2.train import TrainingInterrupted, init_parameters, train
 from numpy_gpt2.weights import expected_shapes
 from numpy_gpt2.weights.safetensors_file import SafetensorsFile
 
