@@ -2,20 +2,21 @@
 
 Parameters and gradients are dicts of official names (`wte.weight`, `h.0.attn.c_attn.weight`,
 ...) -> arrays, as `GPT2.parameters()` and `GPT2.loss_and_grads` give them. Every update is
-in place, element-wise, in the parameters' dtype; nothing here needs Numba.
+in place, element-wise, in the parameters' dtype: one Numba loop reading and writing each value
+once (`_update`).
 """
 
 import math
 
+import numba
 import numpy as np
 
 from .errors import GPT2Error
 from .threads import run_in_parts
 from .weights.safetensors_file import SafetensorsFile, write_arrays
 
-# Elements per piece of a parameter updated at once (whole rows, at least one): the pieces of
-# p, g, m, v and the scratch stay in the core's cache between the update's ten passes, so
-# memory sees each array once.
+# Elements per piece of a parameter updated at once (whole rows, at least one): the unit of
+# work the threads share, and of the copy of a gradient laid out unlike its parameter.
 _PIECE = 1 << 16
 
 
@@ -81,8 +82,7 @@ class AdamW:
     m and v start at zero, in each parameter's shape, dtype and memory layout (the model keeps
     its matrices transposed in memory, see `GPT2.parameters`). The update runs over pieces of
     `_PIECE` elements in the parameters' memory order, shared among the threads
-    (`threads.run_in_parts`): each piece's p, m, v, g and scratch stay in the core's cache
-    through the update's passes; a gradient laid out otherwise is copied piece by piece first.
+    (`threads.run_in_parts`); a gradient laid out otherwise is copied piece by piece first.
     The defaults are torch's; nanoGPT trains GPT-2 with betas (0.9, 0.95) and weight_decay 0.1.
     """
 
@@ -132,13 +132,14 @@ class AdamW:
                      c(-lr / (1 - beta1 ** t)))
 
         def work(start, stop):
-            scratch, copies = np.empty(self._largest, c), np.empty(self._largest, c)
+            copies = np.empty(self._largest, c)
             for name, rows, p, m, v, decay in self._pieces[start:stop]:
                 g = grads[name][rows]
                 if not g.flags.c_contiguous or g.dtype != c:
                     g = copies[:g.size].reshape(g.shape)
                     np.copyto(g, grads[name][rows])
-                _update(p, g, m, v, scratch[:g.size].reshape(g.shape), keep if decay else None, *constants)
+                _update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), keep if decay else c(1),
+                        *constants)
 
         run_in_parts(len(self._pieces), work)
 
@@ -169,21 +170,18 @@ class AdamW:
             raise GPT2Error(f"{path}: no step count in the metadata; not an optimizer state") from None
 
 
-def _update(p, g, m, v, s, keep, one_minus_beta1, beta2, one_minus_beta2, sqrt_correction2, eps, minus_step_size):
-    """The AdamW update of one parameter (or one contiguous piece of it) in place; s is scratch
-    of the same shape. The lines are `AdamW`'s equations, in torch's order."""
-    if keep is not None:
-        p *= keep                                    # p = p * (1 - lr * wd)
-    np.subtract(g, m, out=s)                         # m = m + (1 - beta1) * (g - m)
-    s *= one_minus_beta1
-    m += s
-    np.multiply(g, g, out=s)                         # v = beta2 * v + (1 - beta2) * g * g
-    s *= one_minus_beta2
-    v *= beta2
-    v += s
-    np.sqrt(v, out=s)                                # denom = sqrt(v) / sqrt(1 - beta2^t) + eps
-    s /= sqrt_correction2
-    s += eps
-    np.divide(m, s, out=s)                           # p = p - lr / (1 - beta1^t) * m / denom
-    s *= minus_step_size
-    p += s
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _update(p, g, m, v, keep, one_minus_beta1, beta2, one_minus_beta2, sqrt_correction2, eps, minus_step_size):
+    """The AdamW update of one contiguous piece of a parameter in place, all 1-D: `AdamW`'s
+    equations in torch's order, one element at a time (each value read and written once).
+
+    No fastmath: torch rounds each operation as written, and so must this to equal it.
+    """
+    for i in range(len(p)):
+        p_i = p[i] * keep                                        # p = p * (1 - lr * wd), or keep = 1
+        m_i = m[i] + one_minus_beta1 * (g[i] - m[i])             # m = m + (1 - beta1) * (g - m)
+        v_i = beta2 * v[i] + one_minus_beta2 * (g[i] * g[i])     # v = beta2 * v + (1 - beta2) * g * g
+        denom = math.sqrt(v_i) / sqrt_correction2 + eps          # sqrt(v) / sqrt(1 - beta2^t) + eps
+        p[i] = p_i + minus_step_size * (m_i / denom)             # p = p - lr / (1 - beta1^t) * m / denom
+        m[i] = m_i
+        v[i] = v_i
