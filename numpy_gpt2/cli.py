@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=_temperature, default=1.0, help="default: 1.0")
     gen.add_argument("--top-k", type=_non_negative_int, default=50, help="default: 50; 0 disables")
     gen.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling, in (0, 1]")
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
+    gen.add_argument("--seed", type=_non_negative_int, default=None,
+                     help="seed for sampling, an integer >= 0 (same seed, same text)")
     gen.add_argument("--stop", action="append", default=None, metavar="TEXT",
                      help="stop once the generated text contains TEXT (repeatable)")
     gen.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")

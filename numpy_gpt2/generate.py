@@ -160,14 +160,25 @@ def _start(model, input_ids, max_new_tokens: int = 50, do_sample: bool = False, 
     ids = model.check_ids(ids)
     B, T = ids.shape
     P = model.config.n_positions
+    if T + min(max_new_tokens, 1) > P:
+        raise GPT2Error(f"prompt of {T} tokens is too long for the model's context of n_positions={P}; "
+                        f"shorten it to at most {P - 1} tokens")
     if T + max_new_tokens > P:
         raise GPT2Error(
             f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
-            f"of n_positions={P}; shorten the prompt or ask for at most {max(P - T, 0)} new tokens"
+            f"of n_positions={P}; shorten the prompt or ask for at most {P - T} new tokens"
         )
     stops = _StopStrings(stop_strings, tokenizer, B)
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     return ids, _decode(model, ids, mask, max_new_tokens, sampling, rng, eos, pad, stops)
+
+
+def _rng(seed):
+    """numpy's generator for `seed`: None, an integer >= 0, or anything default_rng takes."""
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError) as exc:
+        raise GPT2Error(f"seed must be an integer >= 0 (or None), found {seed!r}") from exc
 
 
 def _decode(model, ids, mask, max_new_tokens, sampling, rng, eos, pad, stops):

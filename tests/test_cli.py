@@ -161,6 +161,8 @@ ERRORS = {
     "no prompt, empty stdin": (["generate", "--model", "{model}"], {"stdin": subprocess.DEVNULL},
                                r"the prompt is empty"),
     "bad subcommand": (["frobnicate"], {}, r"invalid choice: 'frobnicate'"),
+    "negative seed": (["generate", PROMPT, "--model", "{model}", "--seed", "-1"], {},
+                      r"argument --seed: must be an integer >= 0, found -1"),
 }
 
 

@@ -157,6 +157,8 @@ def test_stream_text_decodes_to_generated_text(tiny):
     (dict(pad_token_id=1000), "pad_token_id 1000 is outside the vocabulary 0..999"),
     (dict(pad_token_id=-1), "pad_token_id -1 is outside the vocabulary"),
     (dict(stop_strings=[""]), "empty stop string"),
+    (dict(seed=-1, do_sample=True), r"seed must be an integer >= 0 \(or None\), found -1"),
+    (dict(seed=1.5, do_sample=True), r"seed must be an integer >= 0 \(or None\), found 1\.5"),
 ])
 def test_bad_generation_arguments(tiny, kwargs, match):
     with pytest.raises(GPT2Error, match=match):
@@ -167,3 +169,12 @@ def test_context_limit_is_exact(tiny):
     """Up to n_positions in all is allowed, and the last token is a real prediction."""
     out = tiny.generate(_prompt(5), max_new_tokens=35, eos_token_id=None)
     assert out.shape == (1, 40)
+
+
+@pytest.mark.parametrize("length", [40, 41])
+def test_prompt_too_long_for_any_token_says_so(tiny, length):
+    """A prompt that fills the context names the prompt, not "at most 0 new tokens"."""
+    with pytest.raises(GPT2Error, match=rf"prompt of {length} tokens is too long for the model's "
+                                        r"context of n_positions=40; shorten it to at most 39 tokens") as info:
+        tiny.generate(_prompt(length), max_new_tokens=1)
+    assert "new tokens" not in str(info.value)
