@@ -142,3 +142,27 @@ def test_causal_attention_ignores_unfilled_cache_positions(impl, T, start):
     out = impl.causal_attention(q, k, v, np.ones((B, capacity), bool), start, 1 / math.sqrt(D))
     expected = ref.numpy()[:, :, start:].transpose(0, 2, 1, 3).reshape(B, T, H * D)
     np.testing.assert_allclose(out, expected, **TOL[np.float32])
+
+
+def test_gpt2_with_past_equals_one_pass_and_transformers(tiny_ref):
+    """`ops.gpt2` in two calls, the second over the first's `past` (keys and values), against one
+    call over all positions and against transformers' logits (float64, left-padded rows).
+    The reference here is GPT2LMHeadModel; the split run is held to 1e-12 of the one-pass one
+    (the same sums, the keys of the first call concatenated rather than computed together)."""
+    from numpy_gpt2 import GPT2
+
+    model = GPT2.from_pretrained(tiny_ref.hub_dir, dtype="float64")
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, model.config.vocab_size, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    params, first = model.params(), 7
+    whole = ops.gpt2(params, ids, model.config, mask)
+    head = ops.gpt2(params, ids[:, :first], model.config, mask[:, :first])
+    tail = ops.gpt2(params, ids[:, first:], model.config, mask, past=head["past"])
+    np.testing.assert_allclose(tail["logits"], whole["logits"][:, first:], rtol=0, atol=1e-12)
+    assert [a.shape for a in tail["attentions"]] == [(2, model.config.n_head, 12 - first, 12)] * model.config.n_layer
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    expected = tiny_ref.logits(ids, dtype="float64", attention_mask=mask, position_ids=positions)
+    real = mask.astype(bool)  # a padding query sees no key here; transformers' sees all of them
+    np.testing.assert_allclose(whole["logits"][real], expected[real], rtol=0, atol=1e-9)
