@@ -51,8 +51,14 @@ def _top_p(text):
     return value
 
 
+def _stop_text(text):
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (an empty TEXT would stop at once)")
+    return text
+
+
 for _f, _name in ((_positive_int, "positive integer"), (_non_negative_int, "integer >= 0"),
-                  (_temperature, "temperature"), (_top_p, "top-p")):
+                  (_temperature, "temperature"), (_top_p, "top-p"), (_stop_text, "stop text")):
     _f.__name__ = _name  # argparse names the type in its "invalid ... value" message
 
 
@@ -83,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling, in (0, 1]")
     gen.add_argument("--seed", type=_non_negative_int, default=None,
                      help="seed for sampling, an integer >= 0 (same seed, same text)")
-    gen.add_argument("--stop", action="append", default=None, metavar="TEXT",
+    gen.add_argument("--stop", action="append", type=_stop_text, default=None, metavar="TEXT",
                      help="stop once the generated text contains TEXT (repeatable)")
     gen.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
     gen.add_argument("--threads", type=_positive_int, default=None,
@@ -220,6 +226,8 @@ def _cmd_generate(args):
     prompt = _read_text(args.prompt, "prompt")
     if not prompt.strip():
         raise GPT2Error("the prompt is empty")
+    if args.temperature == 0 and not args.greedy:
+        raise GPT2Error("--temperature 0 samples nothing: for the most likely token at every step use --greedy")
     if args.threads is not None:
         from .threads import set_threads
 
@@ -233,6 +241,7 @@ def _cmd_generate(args):
     ids = tokenizer.encode(prompt)
     if max(ids) >= model.config.vocab_size:
         raise GPT2Error(f"the prompt has token {max(ids)}, outside the model's vocabulary of {model.config.vocab_size}")
+    _check_context(len(ids), args.max_new_tokens, model.config.n_positions)
     options = dict(
         max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
@@ -252,6 +261,16 @@ def _cmd_generate(args):
     else:
         sys.stdout.write("".join(pieces))
     sys.stdout.write("\n")
+
+
+def _check_context(T, max_new_tokens, P):
+    """generate's context check, in the CLI's flags: T prompt tokens, P = n_positions."""
+    if T >= P:
+        raise GPT2Error(f"prompt of {T} tokens is too long for the model's context of n_positions={P}; "
+                        f"shorten it to at most {P - 1} tokens")
+    if T + max_new_tokens > P:
+        raise GPT2Error(f"prompt of {T} tokens + --max-new-tokens {max_new_tokens} exceeds the model's context of "
+                        f"n_positions={P}; shorten the prompt or ask for at most {P - T} new tokens")
 
 
 def _cmd_tokenize(args):

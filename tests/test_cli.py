@@ -152,8 +152,15 @@ ERRORS = {
     "unknown name": (["generate", PROMPT, "--model", "gpt7"], {},
                      r"model 'gpt7' not found; looked in: weights/gpt7; .*{hub}/models--gpt7/"),
     "context too long": (["generate", PROMPT, "--model", "{model}", "--max-new-tokens", "100"], {},
-                         r"prompt of 5 tokens \+ max_new_tokens=100 exceeds the model's context of "
+                         r"prompt of 5 tokens \+ --max-new-tokens 100 exceeds the model's context of "
                          r"n_positions=40; .* at most 35 new tokens"),
+    "prompt fills the context": (["generate", " ".join([PROMPT] * 8), "--model", "{model}"], {},
+                                 r"prompt of 40 tokens is too long for the model's context of n_positions=40; "
+                                 r"shorten it to at most 39 tokens$"),
+    "sampling at temperature 0": (["generate", PROMPT, "--model", "{model}", "--temperature", "0"], {},
+                                  r"--temperature 0 .*--greedy"),
+    "empty stop text": (["generate", PROMPT, "--model", "{model}", "--stop", ""], {},
+                        r"argument --stop: must not be empty"),
     "zero new tokens": (["generate", PROMPT, "--model", "{model}", "--max-new-tokens", "0"], {},
                         r"argument --max-new-tokens: must be a positive integer, found 0"),
     "token outside vocab": (["generate", "Hello world", "--model", "{model}"], {},
@@ -181,6 +188,7 @@ def test_error_is_one_line(case, tiny_ref, truncated_dir, bad_vocab_dir, env, tm
     assert len(lines) == 1 and lines[0].strip(), result.stderr
     assert re.match(r"numpy-gpt2( generate)?: error: ", lines[0]), lines[0]
     assert re.search(pattern, lines[0]), lines[0]
+    assert not re.search(r"do_sample|stop_strings|max_new_tokens|top_k|top_p|eos_token_id", lines[0]), lines[0]
     assert result.stdout == ""
 
 
