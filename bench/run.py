@@ -391,13 +391,18 @@ def markdown_table(results: dict) -> str:
     if bounds:
         lines += ["", "What bounds these rows, measured in this run (bench/bound.py):"]
         lines += [f"- {bound_note(case, bounds[case['key']])}" for case in results["cases"] if case["key"] in bounds]
+    lines += ["", machine_line(results)]
+    return "\n".join(lines) + "\n"
+
+
+def machine_line(results: dict) -> str:
+    """The line under a table that says what it ran on: CPU, cores, BLAS, threading, date, load."""
     m = results["machine"]
     kernels = f" ({m['blas']['kernels']} kernels)" if m["blas"].get("kernels") else ""
-    lines += ["", f"{m['cpu']}, {m['cores_available']} cores, {m['blas']['name']} {m['blas']['version']}{kernels}, "
-              f"numba threading layer {m['numba_threading_layer']}, {results['date']}; "
-              "load average {:.1f} at start, {:.1f} at end".format(
-                  results["load_average"]["start"][0], results["load_average"]["end"][0])]
-    return "\n".join(lines) + "\n"
+    return (f"{m['cpu']}, {m['cores_available']} cores, {m['blas']['name']} {m['blas']['version']}{kernels}, "
+            f"numba threading layer {m['numba_threading_layer']}, {results['date']}; "
+            "load average {:.1f} at start, {:.1f} at end".format(
+                results["load_average"]["start"][0], results["load_average"]["end"][0]))
 
 
 def _status(ok: bool) -> str:

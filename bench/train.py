@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -356,12 +355,7 @@ def markdown_table(results: dict) -> str:
                          f"{agreement['relative_difference']:.1e} (tolerance {LOSS_RTOL:g}): {verdict[1]}.")
     lines += [f"- {note}" for note in results["notes"]]
     lines += [_bound_note(case) for case in results["cases"] if "bound" in case]
-    m = results["machine"]
-    kernels = f" ({m['blas']['kernels']} kernels)" if m["blas"].get("kernels") else ""
-    lines += ["", f"{m['cpu']}, {m['cores_available']} cores, {m['blas']['name']} {m['blas']['version']}{kernels}, "
-              f"numba threading layer {m['numba_threading_layer']}, {results['date']}; "
-              "load average {:.1f} at start, {:.1f} at end".format(
-                  results["load_average"]["start"][0], results["load_average"]["end"][0])]
+    lines += ["", run.machine_line(results)]
     return "\n".join(lines) + "\n"
 
 
