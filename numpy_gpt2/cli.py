@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="continue a prompt",
                          description="Continue PROMPT (or standard input) with GPT-2.")
-    gen.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
+    gen.add_argument("prompt", nargs="?", help="the prompt (UTF-8); read from stdin when omitted, less one "
+                                                "trailing newline, the one `echo` adds")
     _add_model_args(gen)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=50, help="default: 50")
     gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenize", help="print the token ids of a text",
                          description="Print the GPT-2 token ids of TEXT (or standard input), "
                                      "one per line with its piece.")
-    tok.add_argument("text", nargs="?", help="the text; read from stdin when omitted")
+    tok.add_argument("text", nargs="?", help="the text (UTF-8); read from stdin when omitted, less one "
+                                             "trailing newline, as generate reads its prompt")
     tok.add_argument("--model", default=None, help="a model directory with its own vocab.json + merges.txt")
     tok.add_argument("--ids-only", action="store_true", help="print only the ids, space-separated")
 
@@ -211,17 +213,41 @@ def _add_training_commands(sub):
 
 
 def _read_text(arg, what):
+    """The argument, else standard input less one trailing newline (the one `echo` adds); UTF-8 only."""
     if arg is not None:
-        return arg
+        return _utf8(os.fsencode(arg), f"the {what}")
     if sys.stdin is None or sys.stdin.isatty():
         raise GPT2Error(f"no {what}: give it as an argument or on standard input")
-    return sys.stdin.read()
+    stdin = getattr(sys.stdin, "buffer", None)
+    text = sys.stdin.read() if stdin is None else _utf8(stdin.read(), f"the {what} on standard input")
+    return text.removesuffix("\n")
+
+
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GPT2Error(f"{what} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
+
+
+def _resolve(model, n_head):
+    """--model as a path; refuses --n-head where the checkpoint's own config sets the heads."""
+    from .weights.resolve import resolve_model
+
+    path = resolve_model(model)
+    if n_head is not None:
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        for name in ("config.json", "hparams.json"):
+            config = os.path.join(directory, name)
+            if os.path.isfile(config):
+                raise GPT2Error(f"--n-head: {config} sets the number of heads; --n-head is only for a "
+                                "bare weight file with no config beside it")
+    return path
 
 
 def _cmd_generate(args):
     from .model import GPT2
     from .tokenizer import Tokenizer
-    from .weights.resolve import resolve_model
 
     prompt = _read_text(args.prompt, "prompt")
     if not prompt.strip():
@@ -232,7 +258,7 @@ def _cmd_generate(args):
         from .threads import set_threads
 
         set_threads(args.threads)
-    path = resolve_model(args.model)
+    path = _resolve(args.model, args.n_head)
     # The tokenizer's files are parsed while the weights are copied, mostly outside the GIL.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         tokenizer = pool.submit(Tokenizer.from_pretrained, path)
@@ -276,8 +302,10 @@ def _check_context(T, max_new_tokens, P):
 def _cmd_tokenize(args):
     from .tokenizer import Tokenizer
 
+    from .weights.resolve import resolve_model
+
     text = _read_text(args.text, "text")
-    tokenizer = Tokenizer.from_pretrained(args.model)
+    tokenizer = Tokenizer.from_pretrained(None if args.model is None else resolve_model(args.model))
     ids = tokenizer.encode(text)
     if args.ids_only:
         print(" ".join(map(str, ids)))
@@ -289,9 +317,8 @@ def _cmd_tokenize(args):
 def _cmd_info(args):
     from .model import GPT2
     from .weights import load_checkpoint
-    from .weights.resolve import resolve_model
 
-    checkpoint = load_checkpoint(resolve_model(args.model), n_head=args.n_head, verify=args.verify)
+    checkpoint = load_checkpoint(_resolve(args.model, args.n_head), n_head=args.n_head, verify=args.verify)
     if args.verify:
         print(f"verified {len(checkpoint.tensors)} tensors")
     model = GPT2.from_checkpoint(checkpoint, dtype=args.dtype)
@@ -312,7 +339,7 @@ def _cmd_info(args):
 def _cmd_convert(args):
     from .convert import convert
 
-    print(convert(args.src, args.dst, dtype=args.dtype, n_head=args.n_head, force=args.force, verify=args.verify))
+    print(convert(_resolve(args.src, args.n_head), args.dst, dtype=args.dtype, n_head=args.n_head, force=args.force, verify=args.verify))
 
 
 def _cmd_download(args):

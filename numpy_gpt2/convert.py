@@ -81,6 +81,11 @@ def _check_destination(dst: pathlib.Path, to_llmc: bool, force: bool) -> None:
     if present and not force:
         raise GPT2Error(f"{dst}: already holds a model ({', '.join(present)}); "
                         "use --force (force=True) to overwrite it")
+    others = sorted(p.name for p in dst.iterdir()) if dst.is_dir() else []
+    if others and not force:
+        raise GPT2Error(f"{dst}: is not empty and holds no model ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}); convert into a new or empty directory, "
+                        "or use --force (force=True) to write into it")
 
 
 def write_safetensors(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:

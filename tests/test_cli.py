@@ -168,6 +168,15 @@ ERRORS = {
     "no prompt, empty stdin": (["generate", "--model", "{model}"], {"stdin": subprocess.DEVNULL},
                                r"the prompt is empty"),
     "bad subcommand": (["frobnicate"], {}, r"invalid choice: 'frobnicate'"),
+    "--n-head beside a config.json": (["generate", PROMPT, "--model", "{model}", "--n-head", "3"], {},
+                                      r"--n-head: {model}/config\.json sets the number of heads"),
+    "info --n-head beside a config.json": (["info", "--model", "{model}", "--n-head", "3"], {},
+                                           r"--n-head: {model}/config\.json sets the number of heads"),
+    "convert --n-head beside a config.json": (["convert", "{model}", "{tmp}/out", "--n-head", "3"], {},
+                                              r"--n-head: {model}/config\.json sets the number of heads"),
+    "tokenize, missing model dir": (["tokenize", "Hello", "--model", "{tmp}/nope"], {},
+                                    r"{tmp}/nope: no such file or directory"),
+    "tokenize, unknown name": (["tokenize", "Hello", "--model", "nope"], {}, r"model 'nope' not found"),
     "negative seed": (["generate", PROMPT, "--model", "{model}", "--seed", "-1"], {},
                       r"argument --seed: must be an integer >= 0, found -1"),
 }
@@ -190,6 +199,40 @@ def test_error_is_one_line(case, tiny_ref, truncated_dir, bad_vocab_dir, env, tm
     assert re.search(pattern, lines[0]), lines[0]
     assert not re.search(r"do_sample|stop_strings|max_new_tokens|top_k|top_p|eos_token_id", lines[0]), lines[0]
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("where", ["stdin", "argument"])
+def test_prompt_not_utf8_is_refused(where, tiny_ref, env):
+    """The bytes are not replaced by U+FFFD: the prompt is refused, naming the first bad byte."""
+    prompt = b"I am \xff a man"
+    argv = [sys.executable, "-m", "numpy_gpt2", "generate", "--model", str(tiny_ref.hub_dir)]
+    if where == "argument":
+        argv.insert(4, prompt)
+    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, timeout=TIMEOUT,
+                            input=prompt if where == "stdin" else b"")
+    assert result.returncode == 1 and result.stdout == b""
+    assert result.stderr.decode().splitlines() == [
+        f"numpy-gpt2: error: the prompt{' on standard input' if where == 'stdin' else ''} is not UTF-8: "
+        "byte 0xff at offset 5"]
+
+
+def test_piped_prompt_loses_one_trailing_newline(tiny_ref, env):
+    """`echo PROMPT | numpy-gpt2 generate` continues PROMPT, not PROMPT + a line break."""
+    options = ("--model", tiny_ref.hub_dir, "--greedy", "--max-new-tokens", 5, "--no-stream", "--no-eos")
+    assert _ok(_run(env, "generate", *options, input=PROMPT + "\n")) == _ok(_run(env, "generate", PROMPT, *options))
+    assert _ok(_run(env, "tokenize", "--ids-only", input="Hello world\n")) == "15496 995\n"
+    assert _ok(_run(env, "tokenize", "--ids-only", input="Hello world\n\n")) == "15496 995 198\n"
+
+
+def test_convert_into_an_unrelated_directory_is_refused(tiny_ref, env, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = _run(env, "convert", tiny_ref.hub_dir, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (f"numpy-gpt2: error: {tmp_path}: is not empty and holds no model (notes.txt); "
+                             "convert into a new or empty directory, or use --force (force=True) to write into it\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    _ok(_run(env, "convert", tiny_ref.hub_dir, tmp_path, "--force"))
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_help(env):
