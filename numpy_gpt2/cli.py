@@ -75,7 +75,10 @@ def _add_model_args(parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="numpy-gpt2", description="GPT-2 inference in plain NumPy.")
+    parser.add_argument("--version", action="version", version=f"numpy-gpt2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="continue a prompt",
@@ -109,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--model", default=None, help="a model directory with its own vocab.json + merges.txt")
     tok.add_argument("--ids-only", action="store_true", help="print only the ids, space-separated")
 
-    info = sub.add_parser("info", help="describe a checkpoint")
+    info = sub.add_parser("info", help="describe a checkpoint",
+                          description="Describe the checkpoint MODEL: its file and size, parameter count, "
+                                      "dtype and config (vocab_size, n_positions, n_embd, n_layer, n_head, "
+                                      "...).")
     _add_model_args(info)
     info.add_argument("--verify", action="store_true",
                       help="also check every tensor's checksum (TensorFlow's crc32c; the other formats "

@@ -174,6 +174,11 @@ ERRORS = {
                                            r"--n-head: {model}/config\.json sets the number of heads"),
     "convert --n-head beside a config.json": (["convert", "{model}", "{tmp}/out", "--n-head", "3"], {},
                                               r"--n-head: {model}/config\.json sets the number of heads"),
+    "near-miss name": (["generate", PROMPT, "--model", "gtp2"], {},
+                       r"model 'gtp2' not found; looked in: .*; did you mean gpt2\?$"),
+    "near-miss name, medium": (["info", "--model", "gpt2-meduim"], {}, r"did you mean gpt2-medium\?$"),
+    "known name, absent": (["generate", PROMPT, "--model", "gpt2-xl"], {},
+                           r"model 'gpt2-xl' not found; .*numpy-gpt2 download gpt2-xl$"),
     "tokenize, missing model dir": (["tokenize", "Hello", "--model", "{tmp}/nope"], {},
                                     r"{tmp}/nope: no such file or directory"),
     "tokenize, unknown name": (["tokenize", "Hello", "--model", "nope"], {}, r"model 'nope' not found"),
@@ -239,6 +244,17 @@ def test_help(env):
     stdout = _ok(_run(env, "--help"))
     for command in ("generate", "tokenize", "info"):
         assert command in stdout
+
+
+def test_version(env):
+    import numpy_gpt2
+
+    assert _ok(_run(env, "--version")) == f"numpy-gpt2 {numpy_gpt2.__version__}\n"
+
+
+def test_info_help_describes_it(env):
+    stdout = _ok(_run(env, "info", "--help"))
+    assert re.search(r"\n\nDescribe the checkpoint MODEL", stdout), stdout
 
 
 def test_console_script(env):

@@ -6,6 +6,7 @@ distilgpt2, or a hub repo id such as openai-community/gpt2) is looked for, in or
 Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub).
 """
 
+import difflib
 import os
 import pathlib
 
@@ -65,6 +66,15 @@ def _snapshots(repo_dir: pathlib.Path) -> list:
     return ordered + [p for p in others if p not in ordered]
 
 
+def known_names() -> list:
+    """The published names, and the directories of weights/ (here and in the checkout) holding a checkpoint."""
+    names = list(HUB_REPOS)
+    for weights in (pathlib.Path("weights"), _CHECKOUT_WEIGHTS):
+        if weights.is_dir():
+            names += [d.name for d in sorted(weights.iterdir()) if _has_checkpoint(d) and d.name not in names]
+    return names
+
+
 def _has_checkpoint(d: pathlib.Path) -> bool:
     return (d / "model.safetensors").is_file() or (d / "hparams.json").is_file()
 
@@ -87,6 +97,10 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         if _has_checkpoint(d):
             return str(d)
     looked = "; ".join(str(d) for d in dirs)
+    known = known_names()
+    near = [] if text in known else difflib.get_close_matches(text, known, n=1)
+    if near:
+        raise ModelNotFoundError(f"model {text!r} not found; looked in: {looked}; did you mean {near[0]}?")
     raise ModelNotFoundError(
         f"model {text!r} not found; looked in: {looked}. Put config.json + model.safetensors "
         f"(from the hub repo {HUB_REPOS.get(text, text)}) in weights/{_local_dir_name(text)}/, "
