@@ -257,6 +257,32 @@ def test_info_help_describes_it(env):
     assert re.search(r"\n\nDescribe the checkpoint MODEL", stdout), stdout
 
 
+# Raises KeyboardInterrupt where the command line's modules are imported, as Ctrl-C there does.
+_INTERRUPTED_IMPORT = """
+import builtins, sys
+real_import = builtins.__import__
+
+def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+    if name == "cli" and level == 1:
+        raise KeyboardInterrupt
+    return real_import(name, globals, locals, fromlist, level)
+
+builtins.__import__ = interrupted
+from numpy_gpt2.__main__ import main
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_while_importing_is_one_line(env):
+    result = _run(env, command=(sys.executable, "-c", _INTERRUPTED_IMPORT))
+    assert (result.returncode, result.stderr, result.stdout) == (130, "numpy-gpt2: interrupted\n", "")
+
+
+def test_console_script_entry_point_is_the_guarded_main():
+    setup = (REPO / "setup.cfg").read_text()
+    assert re.search(r"^\s*numpy-gpt2 = numpy_gpt2\.__main__:main$", setup, re.M), setup
+
+
 def test_console_script(env):
     script = shutil.which("numpy-gpt2")
     if script is None:
