@@ -395,7 +395,15 @@ class GPT2:
         if self._training_buffers is None or self._training_buffers.shape != ids.shape:
             self._training_buffers = None  # the old batch shape's memory goes before the new is made
             self._training_buffers = gradients.TrainingBuffers(self.config, *ids.shape, self.dtype)
-        grads = gradients.new_grads(self.parameters()) if grads is None else grads
+        parameters = self.parameters()
+        if grads is None:
+            grads = gradients.new_grads(parameters)
+        else:
+            for name, p in parameters.items():
+                if name not in grads or grads[name].shape != p.shape or grads[name].dtype != p.dtype:
+                    found = "missing" if name not in grads else f"{grads[name].dtype} {grads[name].shape}"
+                    raise GPT2Error(f"grads[{name!r}] must be a {p.dtype} array of shape {p.shape}, found {found}; "
+                                    "pass the dict a previous loss_and_grads returned, or None")
         return gradients.loss_and_grads(self, ids, key_mask, targets, grads, self._training_buffers), grads
 
     # ---- generation ----------------------------------------------------------------------

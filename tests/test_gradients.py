@@ -89,3 +89,19 @@ def test_the_loss_loop_against_torch_with_far_apart_logits(dtype):
     loss = gradients._cross_entropy_to_gradient_(work, targets, ops.IGNORE_INDEX)
     assert np.isfinite(loss) and loss == pytest.approx(expected.item(), rel=BOUND[dtype])
     assert np.abs(work - t.grad.numpy()).max() <= BOUND[dtype] * np.abs(t.grad.numpy()).max()
+
+
+def test_grads_of_another_shape_are_refused(tiny_ref):
+    """Reusing a dict that does not fit the model raises GPT2Error naming the tensor, before any
+    work (the reference here is the model's own parameters' shapes)."""
+    from numpy_gpt2 import GPT2Error
+
+    model = GPT2.from_pretrained(tiny_ref.hub_dir)
+    ids = np.arange(10)
+    _, grads = model.loss_and_grads(ids)
+    grads["h.1.mlp.c_fc.weight"] = np.zeros((3, 3), np.float32)
+    with pytest.raises(GPT2Error, match=r"grads\['h.1.mlp.c_fc.weight'\] must be a float32 array of shape"):
+        model.loss_and_grads(ids, grads=grads)
+    del grads["wpe.weight"]
+    with pytest.raises(GPT2Error, match=r"grads\['wpe.weight'\].*found missing"):
+        model.loss_and_grads(ids, grads={k: v for k, v in grads.items() if k != "h.1.mlp.c_fc.weight"})
