@@ -265,6 +265,7 @@ def _cmd_generate(args):
 
         set_threads(args.threads)
     path = _resolve(args.model, args.n_head)
+    _say_if_compiling()
     # The tokenizer's files are parsed while the weights are copied, mostly outside the GIL.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         tokenizer = pool.submit(Tokenizer.from_pretrained, path)
@@ -293,6 +294,21 @@ def _cmd_generate(args):
     else:
         sys.stdout.write("".join(pieces))
     sys.stdout.write("\n")
+
+
+def _say_if_compiling():
+    """On a terminal, one stderr line when no kernel has a Numba cache yet: the first run compiles them."""
+    if not sys.stderr.isatty():
+        return
+    from numba.core.dispatcher import Dispatcher
+
+    # Numba keeps where each function's cache index goes on its dispatcher (cache=True sets it).
+    indexes = [getattr(getattr(getattr(f, "_cache", None), "_cache_file", None), "_index_path", None)
+               for name, module in list(sys.modules.items()) if name.startswith("numpy_gpt2.")
+               for f in vars(module).values() if isinstance(f, Dispatcher)]
+    indexes = [path for path in indexes if path]
+    if indexes and not any(os.path.exists(path) for path in indexes):
+        print("numpy-gpt2: compiling kernels, first run only", file=sys.stderr, flush=True)
 
 
 def _check_context(T, max_new_tokens, P):

@@ -283,6 +283,35 @@ def test_console_script_entry_point_is_the_guarded_main():
     assert re.search(r"^\s*numpy-gpt2 = numpy_gpt2\.__main__:main$", setup, re.M), setup
 
 
+def _run_on_a_terminal(env, *args):
+    """Run with stderr on a pseudo-terminal; -> (exit status, what stderr showed)."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "numpy_gpt2", *map(str, args)], cwd=REPO, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal,
+                                timeout=TIMEOUT)
+    finally:
+        os.close(terminal)
+    shown = b""
+    try:
+        while chunk := os.read(controller, 4096):
+            shown += chunk
+    except OSError:  # EIO once the terminal side is closed and drained
+        pass
+    os.close(controller)
+    return result.returncode, shown.decode()
+
+
+def test_first_run_says_it_compiles(tiny_ref, env, tmp_path):
+    """With an empty Numba cache the first run says why it is slow, once; the next run does not."""
+    env = {**env, "NUMBA_CACHE_DIR": str(tmp_path)}
+    args = ("generate", PROMPT, "--model", tiny_ref.hub_dir, "--max-new-tokens", 2, "--greedy")
+    assert _run_on_a_terminal(env, *args) == (0, "numpy-gpt2: compiling kernels, first run only\r\n")
+    assert _run_on_a_terminal(env, *args) == (0, "")
+
+
 def test_console_script(env):
     script = shutil.which("numpy-gpt2")
     if script is None:
