@@ -241,6 +241,9 @@ def _resolve(model, n_head):
     from .weights.resolve import resolve_model
 
     path = resolve_model(model)
+    if os.path.isfile(path) and path.endswith(".json"):
+        raise GPT2Error(f"{path}: --model takes the model's directory (config.json + model.safetensors) or its "
+                        f".safetensors file, not a .json file; give --model {os.path.dirname(path) or '.'}")
     if n_head is not None:
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         for name in ("config.json", "hparams.json"):

@@ -179,6 +179,8 @@ ERRORS = {
     "near-miss name, medium": (["info", "--model", "gpt2-meduim"], {}, r"did you mean gpt2-medium\?$"),
     "known name, absent": (["generate", PROMPT, "--model", "gpt2-xl"], {},
                            r"model 'gpt2-xl' not found; .*numpy-gpt2 download gpt2-xl$"),
+    "--model a config.json": (["info", "--model", "{model}/config.json"], {},
+                              r"{model}/config\.json: --model takes the model's directory .*; give --model {model}$"),
     "tokenize, missing model dir": (["tokenize", "Hello", "--model", "{tmp}/nope"], {},
                                     r"{tmp}/nope: no such file or directory"),
     "tokenize, unknown name": (["tokenize", "Hello", "--model", "nope"], {}, r"model 'nope' not found"),
