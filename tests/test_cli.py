@@ -242,6 +242,13 @@ def test_convert_into_an_unrelated_directory_is_refused(tiny_ref, env, tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("flags", [("--seed", "-1"), ("--stop", "")])
+def test_bad_flag_value_is_a_usage_error(flags, env):
+    result = _run(env, "generate", PROMPT, *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"numpy-gpt2 generate: error: argument {flags[0]}: ")
+
+
 def test_help(env):
     stdout = _ok(_run(env, "--help"))
     for command in ("generate", "tokenize", "info"):
