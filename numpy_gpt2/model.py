@@ -1,4 +1,8 @@
-"""GPT2: the parameters, the forward pass and the KV cache.
+"""GPT2: the parameters, the forward pass and the KV cache, the loss and its gradients.
+
+A little over 400 lines: the forward's plumbing (cache, workspace, the fast and the decoding
+paths) and the training entry points stay with the parameters they use; the maths is in `ops`,
+the fast loops in `kernels` and `gradients`, the checks of inputs in `inputs`.
 
 Shapes: B batch, T new positions, S positions in the cache (past + new), C n_embd, H heads,
 D head size, F MLP width, V vocab, L layers, P n_positions.
