@@ -99,10 +99,9 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     looked = "; ".join(str(d) for d in dirs)
     known = known_names()
     near = [] if text in known else difflib.get_close_matches(text, known, n=1)
-    if near:
-        raise ModelNotFoundError(f"model {text!r} not found; looked in: {looked}; did you mean {near[0]}?")
+    guess = f" Did you mean {near[0]}?" if near else ""
     raise ModelNotFoundError(
-        f"model {text!r} not found; looked in: {looked}. Put config.json + model.safetensors "
+        f"model {text!r} not found; looked in: {looked}.{guess} Put config.json + model.safetensors "
         f"(from the hub repo {HUB_REPOS.get(text, text)}) in weights/{_local_dir_name(text)}/, "
         f"give --model a directory or .safetensors file, or run: numpy-gpt2 download {text}"
     )
