@@ -9,17 +9,33 @@
 Importing the package changes nothing outside it. On AMD Zen 4, `ng.choose_blas_kernels()` once
 at the start switches NumPy's OpenBLAS to the kernels that are faster there, for the whole
 process (the command line does this; see `threads.choose_blas_kernels`).
+
+The names below are imported on first use (PEP 562), so `import numpy_gpt2` loads neither NumPy
+nor Numba: the command line's entry point can then catch a Ctrl-C pressed while they load.
 """
 
-from .config import GPT2Config
-from .errors import CheckpointError, ConfigError, GPT2Error, ModelNotFoundError, TokenizerError
-from .model import GPT2, KVCache
-from .threads import choose_blas_kernels
-from .tokenizer import Tokenizer
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GPT2", "GPT2Config", "KVCache", "Tokenizer", "choose_blas_kernels",
-    "GPT2Error", "ConfigError", "CheckpointError", "ModelNotFoundError", "TokenizerError",
-]
+# Each public name and the module that defines it.
+_EXPORTS = {
+    "GPT2": "model", "KVCache": "model", "GPT2Config": "config", "Tokenizer": "tokenizer",
+    "choose_blas_kernels": "threads",
+    "GPT2Error": "errors", "ConfigError": "errors", "CheckpointError": "errors",
+    "ModelNotFoundError": "errors", "TokenizerError": "errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'numpy_gpt2' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -266,13 +266,14 @@ def test_info_help_describes_it(env):
     assert re.search(r"\n\nDescribe the checkpoint MODEL", stdout), stdout
 
 
-# Raises KeyboardInterrupt where the command line's modules are imported, as Ctrl-C there does.
+# Raises KeyboardInterrupt at the first import of MODULE, as Ctrl-C while it loads does; then runs
+# the console script's own two lines (`from numpy_gpt2.__main__ import main; sys.exit(main())`).
 _INTERRUPTED_IMPORT = """
 import builtins, sys
 real_import = builtins.__import__
 
 def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
-    if name == "cli" and level == 1:
+    if name == {module!r}:
         raise KeyboardInterrupt
     return real_import(name, globals, locals, fromlist, level)
 
@@ -282,9 +283,16 @@ sys.exit(main())
 """
 
 
-def test_ctrl_c_while_importing_is_one_line(env):
-    result = _run(env, command=(sys.executable, "-c", _INTERRUPTED_IMPORT))
+@pytest.mark.parametrize("module", ["numpy", "cli"])
+def test_ctrl_c_while_importing_is_one_line(env, module):
+    """NumPy loads in the first second of every run, before the command line itself: one line then too."""
+    result = _run(env, command=(sys.executable, "-c", _INTERRUPTED_IMPORT.format(module=module)))
     assert (result.returncode, result.stderr, result.stdout) == (130, "numpy-gpt2: interrupted\n", "")
+
+
+def test_importing_the_package_loads_neither_numpy_nor_numba(env):
+    code = "import sys, numpy_gpt2; print(sorted({'numpy', 'numba'} & set(sys.modules)), numpy_gpt2.GPT2.__name__)"
+    assert _ok(_run(env, command=(sys.executable, "-c", code))) == "[] GPT2\n"
 
 
 def test_console_script_entry_point_is_the_guarded_main():
