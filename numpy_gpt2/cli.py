@@ -65,11 +65,12 @@ for _f, _name in ((_positive_int, "positive integer"), (_non_negative_int, "inte
 
 
 def _add_model_args(parser):
-    parser.add_argument("--model", default="gpt2",
+    parser.add_argument("--model", default=None,
                         help="a directory (config.json + model.safetensors, or OpenAI's "
                              "hparams.json + model.ckpt.*), a .safetensors file, or a name "
                              f"({_PRESET_NAMES}) found in weights/NAME/ or the Hugging Face "
-                             "cache (default: gpt2)")
+                             "cache, or fortunes, the small model installed with numpy-gpt2 "
+                             "(default: gpt2 if found, else fortunes)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="compute dtype (default: float32)")
     parser.add_argument("--n-head", type=_positive_int, default=None,
@@ -240,9 +241,14 @@ def _utf8(data: bytes, what: str) -> str:
 
 def _resolve(model, n_head):
     """--model as a path; refuses --n-head where the checkpoint's own config sets the heads."""
-    from .weights.resolve import resolve_model
+    from .weights.resolve import default_model, resolve_model
 
-    path = resolve_model(model)
+    if model is None:
+        path, note = default_model()
+        if note:
+            print(f"numpy-gpt2: {note}", file=sys.stderr)
+    else:
+        path = resolve_model(model)
     if os.path.isfile(path) and path.endswith(".json"):
         raise GPT2Error(f"{path}: --model takes the model's directory (config.json + model.safetensors) or its "
                         f".safetensors file, not a .json file; give --model {os.path.dirname(path) or '.'}")

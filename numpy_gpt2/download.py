@@ -11,7 +11,7 @@ each tool recognises the other's files. This module adds two things hf_hub_downl
   sha256 of the content for LFS files (model.safetensors), the git blob sha1 for small files;
   hf_hub_download checks only the size.
 
-huggingface_hub is an optional dependency (`pip install 'numpy-gpt2[download]'`), imported here
+huggingface_hub is an optional dependency (`pip install huggingface_hub`, the `download` extra), imported here
 only when a download is asked for.
 """
 
@@ -31,7 +31,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors")
 # The tokenizer files: numpy-gpt2 ships GPT-2's own, so a repo without them still works.
 OPTIONAL_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "generation_config.json")
 
-_MISSING_HUB = "numpy-gpt2 download needs huggingface_hub: pip install 'numpy-gpt2[download]'"
+_MISSING_HUB = "numpy-gpt2 download needs huggingface_hub: pip install huggingface_hub"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
 

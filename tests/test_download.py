@@ -377,7 +377,7 @@ def test_without_huggingface_hub_the_cli_says_how_to_get_it(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 1
     assert result.stderr == ("numpy-gpt2: error: numpy-gpt2 download needs huggingface_hub: "
-                             "pip install 'numpy-gpt2[download]'\n")
+                             "pip install huggingface_hub\n")
     assert not (tmp_path / "out").exists()
 
 

@@ -2,8 +2,10 @@
 
 A path (directory or file) is taken as it is. A name (gpt2, gpt2-medium, gpt2-large, gpt2-xl,
 distilgpt2, or a hub repo id such as openai-community/gpt2) is looked for, in order, in
-`./weights/NAME/`, in `weights/NAME/` of the checkout this package runs from, and in the
-Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub).
+`./weights/NAME/`, in `weights/NAME/` of the checkout this package runs from (when it runs
+from one), and in the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else
+~/.cache/huggingface/hub). The name `fortunes` is the small model installed with the package
+(`weights/fortunes/` of the checkout), which `default_model` falls back to when GPT-2 is not found.
 """
 
 import difflib
@@ -20,7 +22,10 @@ HUB_REPOS = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "distilgpt2": "distilbert/distilgpt2",
 }
-_CHECKOUT_WEIGHTS = pathlib.Path(__file__).resolve().parents[2] / "weights"
+_PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+# weights/ beside the package only in a checkout: installed, the package's parent is site-packages.
+_CHECKOUT_WEIGHTS = _PACKAGE.parent / "weights" if (_PACKAGE.parent / "setup.cfg").is_file() else None
+BUNDLED = "fortunes"
 
 
 def hub_cache_dir() -> pathlib.Path:
@@ -39,7 +44,7 @@ def _local_dir_name(name: str) -> str:
 def candidate_dirs(name: str) -> list:
     """Every directory where the checkpoint called `name` may be, in search order."""
     local = _local_dir_name(name)
-    dirs = [pathlib.Path("weights") / local, _CHECKOUT_WEIGHTS / local]
+    dirs = [pathlib.Path("weights") / local] + ([_CHECKOUT_WEIGHTS / local] if _CHECKOUT_WEIGHTS else [])
     repos = [HUB_REPOS.get(name, name)]
     if "/" not in name:
         repos.append(name)
@@ -68,9 +73,9 @@ def _snapshots(repo_dir: pathlib.Path) -> list:
 
 def known_names() -> list:
     """The published names, and the directories of weights/ (here and in the checkout) holding a checkpoint."""
-    names = list(HUB_REPOS)
+    names = list(HUB_REPOS) + [BUNDLED]
     for weights in (pathlib.Path("weights"), _CHECKOUT_WEIGHTS):
-        if weights.is_dir():
+        if weights is not None and weights.is_dir():
             names += [d.name for d in sorted(weights.iterdir()) if _has_checkpoint(d) and d.name not in names]
     return names
 
@@ -92,6 +97,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         return text
     if _looks_like_path(text):
         raise ModelNotFoundError(f"{text}: no such file or directory")
+    if text == BUNDLED and not os.path.isdir(os.path.join("weights", BUNDLED)):
+        return bundled_model()
     dirs = candidate_dirs(text)
     for d in dirs:
         if _has_checkpoint(d):
@@ -105,3 +112,26 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         f"(from the hub repo {HUB_REPOS.get(text, text)}) in weights/{_local_dir_name(text)}/, "
         f"give --model a directory or .safetensors file, or run: numpy-gpt2 download {text}"
     )
+
+
+def bundled_model() -> str:
+    """The small model installed with the package: numpy_gpt2/bundled/, or weights/fortunes/ of a checkout."""
+    for d in (_PACKAGE / "bundled", _CHECKOUT_WEIGHTS and _CHECKOUT_WEIGHTS / BUNDLED):
+        if d and (d / "model.safetensors").is_file():
+            return str(d)
+    raise ModelNotFoundError(f"the bundled model is missing from {_PACKAGE / 'bundled'}: reinstall numpy-gpt2")
+
+
+def default_model() -> tuple:
+    """--model when none is given: GPT-2 where its weights are found, else the bundled model.
+
+    -> (path, note): note is None for GPT-2, else the line to tell the user which model runs.
+    """
+    try:
+        return resolve_model("gpt2"), None
+    except ModelNotFoundError:
+        pass
+    note = (f"no --model and no GPT-2 weights found, so using the bundled model '{BUNDLED}' (7.7M parameters "
+            "trained on Debian's fortunes; not GPT-2). For GPT-2 itself: pip install huggingface_hub && "
+            "numpy-gpt2 download gpt2")
+    return bundled_model(), note
