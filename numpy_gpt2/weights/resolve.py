@@ -45,6 +45,8 @@ def candidate_dirs(name: str) -> list:
     """Every directory where the checkpoint called `name` may be, in search order."""
     local = _local_dir_name(name)
     dirs = [pathlib.Path("weights") / local] + ([_CHECKOUT_WEIGHTS / local] if _CHECKOUT_WEIGHTS else [])
+    if name == BUNDLED:
+        dirs += _bundled_dirs()
     repos = [HUB_REPOS.get(name, name)]
     if "/" not in name:
         repos.append(name)
@@ -97,8 +99,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         return text
     if _looks_like_path(text):
         raise ModelNotFoundError(f"{text}: no such file or directory")
-    if text == BUNDLED and not os.path.isdir(os.path.join("weights", BUNDLED)):
-        return bundled_model()
     dirs = candidate_dirs(text)
     for d in dirs:
         if _has_checkpoint(d):
@@ -114,10 +114,15 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     )
 
 
+def _bundled_dirs() -> list:
+    """Where the package's own small model is: installed, numpy_gpt2/bundled/; in a checkout, weights/fortunes/."""
+    return [_PACKAGE / "bundled"] + ([_CHECKOUT_WEIGHTS / BUNDLED] if _CHECKOUT_WEIGHTS else [])
+
+
 def bundled_model() -> str:
-    """The small model installed with the package: numpy_gpt2/bundled/, or weights/fortunes/ of a checkout."""
-    for d in (_PACKAGE / "bundled", _CHECKOUT_WEIGHTS and _CHECKOUT_WEIGHTS / BUNDLED):
-        if d and (d / "model.safetensors").is_file():
+    """The small model installed with the package (not a ./weights/fortunes/ of the working directory)."""
+    for d in _bundled_dirs():
+        if _has_checkpoint(d):
             return str(d)
     raise ModelNotFoundError(f"the bundled model is missing from {_PACKAGE / 'bundled'}: reinstall numpy-gpt2")
 
