@@ -1,0 +1,219 @@
+"""Scoring text: the log-probability of each token given the ones before it, and a text's
+negative log-likelihood, perplexity and bits per byte.
+
+Shapes: N tokens of a text, P n_positions, W a window's tokens (at most P), M positions scored,
+C n_embd, V vocab, k alternatives.
+
+Texts longer than P are read through the sliding window of transformers' perplexity guide: the
+windows start at 0, stride, 2 * stride, ... and hold up to P tokens; each counts only the
+tokens the previous window did not reach, predicted from the context its window gives them. So
+every token after the first is scored exactly once, with between P - stride and P - 1 tokens
+of context once the text is past the first window.
+
+Windows of many texts are run together, grouped by length and padded on the right: with a
+causal model no real position sees a pad, so no mask is needed, and the pads are not scored.
+The head (x @ wte.T) is applied only to the positions scored, a chunk of rows at a time into
+one reused buffer that is reduced at once (`kernels.token_logprobs`): the [M, V] logits are
+never held whole.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from . import inputs, kernels
+from .errors import GPT2Error
+
+DEFAULT_STRIDE = 512  # the perplexity guide's, with GPT-2's window of 1024
+# Rows of the head per chunk: 26 MB of float32 logits for GPT-2's vocabulary, enough rows for
+# the BLAS's band-per-thread path and few enough to stay in the workspace's pool.
+_HEAD_ROWS = 128
+
+
+@dataclasses.dataclass
+class Score:
+    """How likely a text is under the model.
+
+    ids: [N] int64, the text's tokens
+    logprobs: [N - 1] float64, logprobs[i] = log p(ids[i + 1] | its window's tokens up to ids[i])
+        (natural log; the first token is given, not predicted)
+    top_ids, top_logprobs: [N - 1, k] the k most likely tokens at each scored position and
+        their log-probabilities, most likely first; None unless asked for
+    n_bytes: the UTF-8 bytes of the text (0 when only ids were scored)
+    tokens: positions scored, N - 1 (0 for a text of 0 or 1 token)
+    nll: the negative log-likelihood, -sum(logprobs), in nats (0 when no token is scored)
+    perplexity: exp(nll / tokens); nan when no token is scored
+    bits_per_byte: nll / ln 2 / n_bytes, the text's code length per byte of UTF-8, comparable
+        across tokenizers; nan when no token is scored or n_bytes is 0
+    """
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    n_bytes: int = 0
+    tokens: int = dataclasses.field(init=False)
+    nll: float = dataclasses.field(init=False)
+    perplexity: float = dataclasses.field(init=False)
+    bits_per_byte: float = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.tokens = len(self.logprobs)
+        self.nll = 0.0 - float(self.logprobs.sum())
+        mean = self.nll / self.tokens if self.tokens else math.nan
+        self.perplexity = math.exp(mean) if mean < 709 else math.inf if mean == mean else math.nan
+        self.bits_per_byte = self.nll / math.log(2) / self.n_bytes if self.tokens and self.n_bytes else math.nan
+
+
+def score_ids(model, ids, stride: int | None = DEFAULT_STRIDE, top_k: int = 0) -> Score:
+    """Score a text given as token ids.
+
+    ids: [N] integers in [0, V); stride: how far each window moves past the last when N > P,
+        in 1..P - 1 (None: 512, or P // 2 if that is less); top_k: also return the k most
+        likely tokens at each scored position (0: none)
+    -> `Score` (n_bytes 0: the text's bytes are not known from its ids)
+    """
+    return _score_all(model, [_check_text_ids(model, ids)], stride, top_k, None)[0]
+
+
+def score_text(model, tokenizer, text: str, stride: int | None = DEFAULT_STRIDE, top_k: int = 0) -> Score:
+    """Score `text`: its tokens by `tokenizer`, then `score_ids`; n_bytes its UTF-8 length."""
+    ids, n_bytes = _encode(tokenizer, text)
+    return dataclasses.replace(score_ids(model, ids, stride, top_k), n_bytes=n_bytes)
+
+
+def score_texts(model, tokenizer, texts, stride: int | None = DEFAULT_STRIDE,
+                max_batch_tokens: int | None = None) -> list[Score]:
+    """Score many texts together -> one `Score` per text, in order.
+
+    Each text's windows are run in batches of windows of similar length, at most
+    `max_batch_tokens` positions (padding included) a batch (None: P, as many as one
+    full-context pass, for which the model's workspace is sized); a longer window runs alone.
+    Each text gets what `score_text` gives it alone, to rounding (the products' sums may be cut
+    differently for another number of rows).
+    """
+    if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(
+            max_batch_tokens, (int, np.integer)) or max_batch_tokens < 1):
+        raise GPT2Error(f"max_batch_tokens must be a positive integer or None, found {max_batch_tokens!r}")
+    encoded = [_encode(tokenizer, text) for text in texts]
+    scores = _score_all(model, [_check_text_ids(model, ids) for ids, _ in encoded], stride, 0, max_batch_tokens)
+    return [dataclasses.replace(score, n_bytes=n_bytes) for score, (_, n_bytes) in zip(scores, encoded)]
+
+
+def _encode(tokenizer, text) -> tuple[list[int], int]:
+    """text -> its token ids and its UTF-8 bytes, or GPT2Error for what is not a text."""
+    if not isinstance(text, str):
+        raise GPT2Error(f"text must be a str, found {type(text).__name__}")
+    try:
+        n_bytes = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise GPT2Error(f"text is not valid Unicode: {exc.reason} at character {exc.start}") from None
+    return tokenizer.encode(text), n_bytes
+
+
+def _check_text_ids(model, ids) -> np.ndarray:
+    """ids: [N] integers in [0, V), N >= 0 -> int64 [N]."""
+    array = np.asarray(ids)
+    if array.size == 0 and array.ndim == 1:
+        return array.astype(np.int64)
+    if array.ndim != 1:
+        raise GPT2Error(f"ids must be one text's token ids, shape (N,), found shape {array.shape}")
+    return inputs.check_ids(array, model.config.vocab_size)[0].astype(np.int64)
+
+
+def window_stride(stride, n_positions: int) -> int:
+    """stride as `score_ids` takes it -> the window's step: None gives 512, or P // 2 if less."""
+    if stride is None:
+        return min(DEFAULT_STRIDE, max(n_positions // 2, 1))
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise GPT2Error(f"stride must be a positive integer or None, found {stride!r}")
+    return int(stride)
+
+
+def windows(n_tokens: int, n_positions: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows of a text of N tokens -> (begin, end, first) each: the window holds tokens
+    begin..end - 1 and scores the tokens after its positions first..end - begin - 2, that is
+    tokens begin + first + 1..end - 1 (none for N < 2).
+
+    transformers' perplexity guide: windows begin at 0, stride, 2 * stride, ... and end P later
+    or at the text's end; each scores the tokens past the previous window's end.
+    """
+    if n_tokens < 2:
+        return []
+    if n_tokens <= n_positions:
+        return [(0, n_tokens, 0)]
+    if stride >= n_positions:
+        raise GPT2Error(f"stride {stride} must be less than the model's n_positions={n_positions} for a text of "
+                        f"{n_tokens} tokens: each window keeps at least one token of the last as context; give "
+                        f"at most {n_positions - 1} (None: {window_stride(None, n_positions)})")
+    spans, scored_to = [], 1
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + n_positions, n_tokens)
+        spans.append((begin, end, scored_to - 1 - begin))
+        scored_to = end
+        if end == n_tokens:
+            return spans
+
+
+def _check_top_k(top_k, vocab_size: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= vocab_size:
+        raise GPT2Error(f"top_k must be an integer in 0..{vocab_size} (the vocabulary), found {top_k!r}")
+    return int(top_k)
+
+
+def _score_all(model, texts: list[np.ndarray], stride, top_k, max_batch_tokens) -> list[Score]:
+    """Every text's windows through the model in batches of similar length -> a `Score` each."""
+    P = model.config.n_positions
+    stride = window_stride(stride, P)
+    k = _check_top_k(top_k, model.config.vocab_size)
+    max_batch_tokens = P if max_batch_tokens is None else max_batch_tokens
+    logprobs = [np.empty(max(len(ids) - 1, 0)) for ids in texts]
+    tops = [(np.empty((len(lp), k), np.int64), np.empty((len(lp), k))) for lp in logprobs]
+    spans = [(text, *span) for text, ids in enumerate(texts) for span in windows(len(ids), P, stride)]
+    # Longest first, so each batch's padding is to its first window's length; the sort is stable.
+    spans.sort(key=lambda span: span[2] - span[1], reverse=True)
+    start = 0
+    while start < len(spans):
+        T = spans[start][2] - spans[start][1]
+        stop = start + max(1, min(len(spans) - start, max_batch_tokens // T))
+        batch = spans[start:stop]
+        start = stop
+        ids = np.zeros((len(batch), T), np.int64)  # right padding: a valid id that nothing sees
+        for row, (text, begin, end, _) in enumerate(batch):
+            ids[row, :end - begin] = texts[text][begin:end]
+        first = min(span[3] for span in batch)
+        hidden = model.forward(ids, logits_to_keep=T - first, head=False)  # [B, T - first, C]
+        rows = np.concatenate([hidden[row, f - first:end - begin - 1 - first]
+                               for row, (_, begin, end, f) in enumerate(batch)])  # [M, C]
+        targets = np.concatenate([ids[row, f + 1:end - begin] for row, (_, begin, end, f) in enumerate(batch)])
+        batch_logprobs, (top_ids, top_logprobs) = _head_logprobs(model, rows, targets, k)
+        offset = 0
+        for text, begin, end, f in batch:
+            n = end - begin - 1 - f
+            logprobs[text][begin + f:end - 1] = batch_logprobs[offset:offset + n]
+            tops[text][0][begin + f:end - 1] = top_ids[offset:offset + n]
+            tops[text][1][begin + f:end - 1] = top_logprobs[offset:offset + n]
+            offset += n
+    return [Score(ids, lp, *(top if k else (None, None))) for ids, lp, top in zip(texts, logprobs, tops)]
+
+
+def _head_logprobs(model, rows, targets, k: int):
+    """rows: [M, C] final hidden states; targets: [M] -> the log-probabilities [M] of the targets
+    under softmax(rows @ wte.T), and the top k (ids [M, k], log-probs [M, k]).
+
+    The head's product is made _HEAD_ROWS rows at a time into one buffer from the model's
+    workspace, and each chunk is reduced before the next is made.
+    """
+    M, V = len(rows), len(model.wte)
+    logprobs = np.empty(M)
+    top_ids, top_logprobs = np.empty((M, k), np.int64), np.empty((M, k))
+    chunk = min(M, _HEAD_ROWS)
+    logits = model.workspace.logits.empty((chunk, V), model.dtype)
+    for start in range(0, M, chunk):
+        stop = min(start + chunk, M)
+        part = logits[:stop - start]
+        kernels.matmul_transposed(rows[start:stop], model.wte, part)
+        logprobs[start:stop] = kernels.token_logprobs(part, targets[start:stop], top_ids[start:stop],
+                                                      top_logprobs[start:stop])
+    return logprobs, (top_ids, top_logprobs)
