@@ -1,5 +1,6 @@
 """Scoring text: the log-probability of each token given the ones before it, and a text's
-negative log-likelihood, perplexity and bits per byte.
+negative log-likelihood, perplexity and bits per byte; corpora of JSON Lines documents scored
+in partitions, each written as one file (the unit a single process and a Dask cluster share).
 
 Shapes: N tokens of a text, P n_positions, W a window's tokens (at most P), M positions scored,
 C n_embd, V vocab, k alternatives.
@@ -15,14 +16,22 @@ causal model no real position sees a pad, so no mask is needed, and the pads are
 The head (x @ wte.T) is applied only to the positions scored, a chunk of rows at a time into
 one reused buffer that is reduced at once (`kernels.token_logprobs`): the [M, V] logits are
 never held whole.
+
+A corpus is cut into partitions of `partition_size` lines (`plan_partitions`); each partition's
+rows are written at once, atomically, to its own file (`score_partition`), so a file that exists
+is complete, and a run started again skips it.
 """
 
 import dataclasses
+import glob
 import math
+import os
+import pathlib
 
 import numpy as np
 
 from . import inputs, kernels
+from .documents import FORMATS, line_offsets, read_records, write_rows
 from .errors import GPT2Error
 
 DEFAULT_STRIDE = 512  # the perplexity guide's, with GPT-2's window of 1024
@@ -162,8 +171,9 @@ def _check_top_k(top_k, vocab_size: int) -> int:
     return int(top_k)
 
 
-def _score_all(model, texts: list[np.ndarray], stride, top_k, max_batch_tokens) -> list[Score]:
-    """Every text's windows through the model in batches of similar length -> a `Score` each."""
+def _score_all(model, texts: list[np.ndarray], stride, top_k, max_batch_tokens, progress=None) -> list[Score]:
+    """Every text's windows through the model in batches of similar length -> a `Score` each;
+    progress, when given, is called after each batch with the fraction of positions scored."""
     P = model.config.n_positions
     stride = window_stride(stride, P)
     k = _check_top_k(top_k, model.config.vocab_size)
@@ -173,6 +183,7 @@ def _score_all(model, texts: list[np.ndarray], stride, top_k, max_batch_tokens) 
     spans = [(text, *span) for text, ids in enumerate(texts) for span in windows(len(ids), P, stride)]
     # Longest first, so each batch's padding is to its first window's length; the sort is stable.
     spans.sort(key=lambda span: span[2] - span[1], reverse=True)
+    total, scored = sum(end - begin - 1 - first for _, begin, end, first in spans), 0
     start = 0
     while start < len(spans):
         T = spans[start][2] - spans[start][1]
@@ -195,6 +206,9 @@ def _score_all(model, texts: list[np.ndarray], stride, top_k, max_batch_tokens) 
             tops[text][0][begin + f:end - 1] = top_ids[offset:offset + n]
             tops[text][1][begin + f:end - 1] = top_logprobs[offset:offset + n]
             offset += n
+        scored += offset
+        if progress is not None:
+            progress(scored / total)
     return [Score(ids, lp, *(top if k else (None, None))) for ids, lp, top in zip(texts, logprobs, tops)]
 
 
@@ -217,3 +231,187 @@ def _head_logprobs(model, rows, targets, k: int):
         logprobs[start:stop] = kernels.token_logprobs(part, targets[start:stop], top_ids[start:stop],
                                                       top_logprobs[start:stop])
     return logprobs, (top_ids, top_logprobs)
+
+
+# ---- corpora: JSON Lines documents in partitions ----------------------------------------------
+
+ON_ERROR = ("skip", "fail")
+# The output's columns and their types: one row per document.
+ROW_COLUMNS = {"id": str, "tokens": int, "nll": float, "perplexity": float, "bits_per_byte": float, "error": str}
+
+
+@dataclasses.dataclass
+class ScoreOptions:
+    """How a corpus of JSON Lines documents is read, scored and written.
+
+    id_field, text_field: the fields of each line's object holding its id and its text
+    stride: the sliding window's step (see `score_ids`; None: 512, or n_positions // 2 if less)
+    on_error: "skip" writes a bad line as a row with its error; "fail" raises GPT2Error at it
+    out_format: "jsonl" or "parquet"
+    partition_size: lines of input per partition, one output file each
+    dtype: the compute dtype a worker loads the model in, "float32" or "float64"
+    """
+
+    id_field: str = "id"
+    text_field: str = "text"
+    stride: int | None = DEFAULT_STRIDE
+    on_error: str = "skip"
+    out_format: str = "jsonl"
+    partition_size: int = 1000
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name, allowed in (("on_error", ON_ERROR), ("out_format", FORMATS), ("dtype", ("float32", "float64"))):
+            if getattr(self, name) not in allowed:
+                raise GPT2Error(f"{name} must be one of {', '.join(allowed)}, found {getattr(self, name)!r}")
+        if isinstance(self.partition_size, bool) or not isinstance(self.partition_size, int) or self.partition_size < 1:
+            raise GPT2Error(f"partition_size must be a positive integer, found {self.partition_size!r}")
+        window_stride(self.stride, 2)  # the type and sign; against n_positions once a model is known
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """A run of lines of one input file, scored into one output file.
+
+    file_index: the file's place among the inputs; index: the partition's place in its file;
+    path: the input file; start_line, stop_line: 1-based line numbers, half-open; name: of the
+    output file, "part-FFFFF-IIIII"; offset: the byte offset of start_line in the file.
+    """
+
+    file_index: int
+    index: int
+    path: str
+    start_line: int
+    stop_line: int
+    name: str
+    offset: int = 0
+
+
+def plan_partitions(paths, options: ScoreOptions) -> list[Partition]:
+    """Input files (paths, or glob patterns expanded and sorted) -> their partitions, in input
+    order: each file cut into runs of options.partition_size lines (a file of no line has
+    none)."""
+    partitions = []
+    for file_index, path in enumerate(_input_files(paths)):
+        n_lines, offsets = line_offsets(path, options.partition_size)
+        for index, offset in enumerate(offsets):
+            start = 1 + index * options.partition_size
+            partitions.append(Partition(file_index, index, path, start, min(start + options.partition_size,
+                                                                            n_lines + 1),
+                                        f"part-{file_index:05d}-{index:05d}", offset))
+    return partitions
+
+
+def _input_files(paths) -> list[str]:
+    """Paths and glob patterns -> the files, each pattern's matches sorted; GPT2Error for a
+    pattern that matches nothing, a path that is no file, or no path at all."""
+    files = []
+    for path in map(os.fspath, paths):
+        if any(c in path for c in "*?[") and not os.path.exists(path):
+            found = sorted(p for p in glob.glob(path) if os.path.isfile(p))
+            if not found:
+                raise GPT2Error(f"no file matches {path!r}")
+            files += found
+        elif os.path.isdir(path):
+            raise GPT2Error(f"{path} is a directory; give the JSON Lines files in it (say '{path}/*.jsonl')")
+        elif not os.path.isfile(path):
+            raise GPT2Error(f"{path}: no such file")
+        else:
+            files.append(path)
+    if not files:
+        raise GPT2Error("no input files given")
+    return files
+
+
+def partition_output(partition: Partition, out_dir, options: ScoreOptions) -> pathlib.Path:
+    """The output file of `partition`: out_dir / (its name + ".jsonl" or ".parquet")."""
+    return pathlib.Path(out_dir) / f"{partition.name}.{options.out_format}"
+
+
+def score_partition(model, tokenizer, partition: Partition, out_dir, options: ScoreOptions,
+                    progress=None) -> pathlib.Path:
+    """Score the documents of `partition` and write their rows, in input order, to its output
+    file (atomically; out_dir made if missing) -> the file. An output file that exists is
+    complete, and is returned as it is.
+
+    Each non-blank line gives a row {"id", "tokens", "nll", "perplexity", "bits_per_byte",
+    "error"}: the id is the line's id field ("FILE:LINE" when it has none); a line that is not
+    a JSON object with a string in its text field, or whose text the model cannot read (a token
+    outside its vocabulary), gives error "FILE:LINE: what is wrong" and null numbers, or with
+    options.on_error "fail" raises GPT2Error with that message. A text of 0 or 1 token scores
+    no token: perplexity and bits_per_byte null. progress: called with the fraction of the
+    partition's tokens scored, after each batch.
+    """
+    out = partition_output(partition, out_dir, options)
+    if out.exists():
+        return out
+    rows, texts, scored_rows = [], [], []
+    for record in read_records(partition.path, partition.start_line, partition.stop_line, partition.offset):
+        row = dict.fromkeys(ROW_COLUMNS)
+        row["id"], text, row["error"] = _document(record, options)
+        if row["error"] is None:
+            try:
+                ids, n_bytes = _encode(tokenizer, text)
+                texts.append((_check_text_ids(model, ids), n_bytes))
+                scored_rows.append(row)
+            except GPT2Error as exc:
+                row["error"] = f"{record.where}: {exc}"
+        if row["error"] is not None and options.on_error == "fail":
+            raise GPT2Error(row["error"])
+        rows.append(row)
+    scores = _score_all(model, [ids for ids, _ in texts], options.stride, 0, None, progress)
+    for row, score, (_, n_bytes) in zip(scored_rows, scores, texts):
+        score = dataclasses.replace(score, n_bytes=n_bytes)
+        row.update(tokens=score.tokens, nll=score.nll, perplexity=score.perplexity,
+                   bits_per_byte=score.bits_per_byte)
+    os.makedirs(out_dir, exist_ok=True)
+    write_rows(rows, ROW_COLUMNS, out, options.out_format)
+    return out
+
+
+def _document(record, options: ScoreOptions):
+    """A `documents.Record` -> (id, text, error): error "FILE:LINE: what is wrong" or None."""
+    if record.error is not None:
+        return record.where, None, record.error
+    value = record.value
+    if not isinstance(value, dict):
+        return record.where, None, f"{record.where}: not a JSON object (found {_json_kind(value)})"
+    doc_id = value.get(options.id_field, record.where)
+    if options.text_field not in value:
+        return doc_id, None, f"{record.where}: no field {options.text_field!r}"
+    text = value[options.text_field]
+    if not isinstance(text, str):
+        return doc_id, None, f"{record.where}: field {options.text_field!r} is {_json_kind(text)}, expected a string"
+    return doc_id, text, None
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+             int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def score_files(model, tokenizer, paths, out_dir, options: ScoreOptions, progress: bool = True) -> list[pathlib.Path]:
+    """Score every document of the JSON Lines files `paths` (globs expanded) into out_dir, one
+    file per partition (`score_partition`), in input order; partitions already complete are
+    skipped, so an interrupted run continues where it stopped -> the output files, in order.
+    progress: a bar on stderr (`data.Progress`)."""
+    from .data import Progress
+
+    partitions = plan_partitions(paths, options)
+    total = sum(p.stop_line - p.start_line for p in partitions)
+    bar = Progress(total, enabled=progress)
+    outputs, done = [], 0
+    try:
+        for partition in partitions:
+            lines = partition.stop_line - partition.start_line
+
+            def report(fraction, done=done, lines=lines):
+                bar.update(done + round(fraction * lines), f"scoring: {done + round(fraction * lines):,}/{total:,} lines")
+
+            outputs.append(score_partition(model, tokenizer, partition, out_dir, options, report))
+            done += lines
+            report(0)
+    finally:
+        bar.close()
+    return outputs

@@ -11,6 +11,7 @@ printed perplexity is not the exact per-token one. The reference here is the exa
 that recipe: per-token log-probabilities from the logits over the same windows, summed.
 """
 
+import json
 import math
 import pathlib
 
@@ -20,7 +21,8 @@ import pytest
 from numpy_gpt2 import GPT2, ops
 from numpy_gpt2.errors import GPT2Error
 from numpy_gpt2.kernels import token_logprobs
-from numpy_gpt2.score import score_ids, score_text, score_texts
+from numpy_gpt2.score import (ScoreOptions, partition_output, plan_partitions, score_ids, score_partition, score_text,
+                              score_texts)
 from numpy_gpt2.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch")
@@ -241,3 +243,123 @@ def test_a_short_text_ignores_a_stride_it_does_not_need(models, tiny_ref):
     ids = np.random.default_rng(3).integers(0, 1000, 30)
     reference, _, _ = reference_logprobs(tiny_ref.torch_model, ids, 512, "float64")
     np.testing.assert_allclose(score_ids(models["float64"], ids).logprobs, reference, rtol=0, atol=1e-12)
+
+
+# ---- corpora: partitions of JSON Lines documents ---------------------------------------------
+
+def _jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_plan_partitions_cuts_each_file_in_runs_of_lines_in_input_order(tmp_path):
+    b = _jsonl(tmp_path / "b.jsonl", [f'{{"text": "b{i}"}}' for i in range(7)])
+    a = _jsonl(tmp_path / "a.jsonl", [f'{{"text": "a{i}"}}' for i in range(2)])
+    (tmp_path / "c.jsonl").write_text('{"text": "no newline at the end"}')
+    options = ScoreOptions(partition_size=3)
+    parts = plan_partitions([b, tmp_path / "[ac].jsonl"], options)
+    assert [(p.path, p.start_line, p.stop_line, p.name) for p in parts] == [
+        (str(b), 1, 4, "part-00000-00000"), (str(b), 4, 7, "part-00000-00001"), (str(b), 7, 8, "part-00000-00002"),
+        (str(a), 1, 3, "part-00001-00000"), (str(tmp_path / "c.jsonl"), 1, 2, "part-00002-00000")]
+    # Each partition's byte offset starts it at its first line (the bytes counted by hand).
+    line = len('{"text": "b0"}\n')
+    assert [p.offset for p in parts[:3]] == [0, 3 * line, 6 * line]
+    assert partition_output(parts[1], tmp_path / "out", options) == tmp_path / "out" / "part-00000-00001.jsonl"
+
+
+@pytest.mark.parametrize("paths, message", [
+    (["nothing-*.jsonl"], "no file matches 'nothing-*.jsonl'"),
+    (["missing.jsonl"], "missing.jsonl: no such file"),
+    (["."], ". is a directory"),
+    ([], "no input files given"),
+])
+def test_plan_partitions_bad_paths_raise(tmp_path, monkeypatch, paths, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GPT2Error) as info:
+        plan_partitions(paths, ScoreOptions())
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(on_error="ignore"), "on_error must be one of skip, fail, found 'ignore'"),
+    (dict(out_format="csv"), "out_format must be one of jsonl, parquet, found 'csv'"),
+    (dict(partition_size=0), "partition_size must be a positive integer, found 0"),
+    (dict(dtype="float16"), "dtype must be one of float32, float64"),
+    (dict(stride=-1), "stride must be a positive integer or None, found -1"),
+])
+def test_bad_score_options_raise(options, message):
+    with pytest.raises(GPT2Error) as info:
+        ScoreOptions(**options)
+    assert message in str(info.value)
+
+
+BAD_LINES = [
+    ("not json", "not JSON: Expecting value at column 1"),
+    ('["a list"]', "not a JSON object (found an array)"),
+    ('{"id": 3, "txt": "the"}', "no field 'text'"),
+    ('{"id": 4, "text": 17}', "field 'text' is a number, expected a string"),
+    ('{"id": 5, "text": " the cat sat on the mat"}', "outside the vocabulary 0..999"),  # " cat" is token 3797
+]
+
+
+def test_score_partition_rows_in_input_order_with_error_rows(models, tiny_ref, tmp_path):
+    """Good documents against transformers (float64); each bad line an error row in its place."""
+    tokenizer = Tokenizer.default()
+    good = _texts(tokenizer, [12, 1, 50, 0], seed=5)
+    lines = [json.dumps({"id": "g0", "text": good[0]}), BAD_LINES[0][0], json.dumps({"text": good[1]}), "",
+             *[line for line, _ in BAD_LINES[1:]], json.dumps({"id": "g2", "text": good[2]}),
+             json.dumps({"id": "g3", "text": good[3]})]
+    path = _jsonl(tmp_path / "docs.jsonl", lines)
+    options = ScoreOptions(stride=30, dtype="float64")
+    [partition] = plan_partitions([path], options)
+    out = score_partition(models["float64"], tokenizer, partition, tmp_path / "out", options)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["id"] for row in rows] == ["g0", f"{path}:2", f"{path}:3", f"{path}:5", 3, 4, 5, "g2", "g3"]
+    for row, (_, message) in zip([rows[1], *rows[3:7]], BAD_LINES):
+        assert row["error"].startswith(f"{path}:") and message in row["error"]
+        assert row["tokens"] is row["nll"] is row["perplexity"] is row["bits_per_byte"] is None
+    for row, text in zip([rows[0], rows[2], rows[7], rows[8]], good):
+        assert row["error"] is None
+        ids = np.array(tokenizer.encode(text))
+        assert row["tokens"] == max(len(ids) - 1, 0)
+        if len(ids) < 2:
+            assert row["nll"] == 0 and row["perplexity"] is None and row["bits_per_byte"] is None
+            continue
+        nll = -reference_logprobs(tiny_ref.torch_model, ids, 30, "float64")[0].sum()
+        assert row["nll"] == pytest.approx(nll, rel=1e-9)
+        assert row["perplexity"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-9)
+        assert row["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode()), rel=1e-9)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [out.name]  # no temporary file left
+
+
+def test_score_partition_on_error_fail_raises_at_the_first_bad_line(models, tmp_path):
+    path = _jsonl(tmp_path / "docs.jsonl", ['{"text": " the"}', '{"text": " a"}', "{oops", "also bad"])
+    options = ScoreOptions(on_error="fail")
+    with pytest.raises(GPT2Error) as info:
+        score_partition(models["float32"], Tokenizer.default(), plan_partitions([path], options)[0], tmp_path / "o",
+                        options)
+    assert str(info.value).startswith(f"{path}:3: not JSON")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_score_partition_parquet_and_resume(models, tmp_path):
+    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+    tokenizer = Tokenizer.default()
+    texts = _texts(tokenizer, [5, 9, 3, 30, 2], seed=2)
+    path = _jsonl(tmp_path / "docs.jsonl", [json.dumps({"key": i, "body": t}) for i, t in enumerate(texts)]
+                  + ['{"key": 9}'])
+    jsonl, parquet = (ScoreOptions(id_field="key", text_field="body", partition_size=4, out_format=f)
+                      for f in ("jsonl", "parquet"))
+    model = models["float32"]
+    for options in (jsonl, parquet):
+        outs = [score_partition(model, tokenizer, p, tmp_path / "out", options) for p in plan_partitions([path], options)]
+    from_jsonl = [json.loads(line) for out in (tmp_path / "out").glob("*.jsonl") for line in out.read_text().splitlines()]
+    table = pyarrow_parquet.read_table(outs[0]).to_pylist() + pyarrow_parquet.read_table(outs[1]).to_pylist()
+    assert [row["id"] for row in table] == ["0", "1", "2", "3", "4", "9"]  # ids as strings in Parquet
+    assert [row["error"] for row in table] == [None] * 5 + [f"{path}:6: no field 'body'"]
+    for got, expected in zip(table, sorted(from_jsonl, key=lambda row: row["id"])):
+        assert {**got, "id": int(got["id"])} == expected
+    # A partition whose file exists is complete: a rerun returns it untouched.
+    outs[0].write_bytes(b"sentinel")
+    again = score_partition(model, tokenizer, plan_partitions([path], parquet)[0], tmp_path / "out", parquet)
+    assert again == outs[0] and outs[0].read_bytes() == b"sentinel"
