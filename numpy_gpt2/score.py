@@ -70,9 +70,10 @@ class Score:
 
     def __post_init__(self):
         self.tokens = len(self.logprobs)
-        self.nll = 0.0 - float(self.logprobs.sum())
-        mean = self.nll / self.tokens if self.tokens else math.nan
-        self.perplexity = math.exp(mean) if mean < 709 else math.inf if mean == mean else math.nan
+        self.nll = 0.0 - float(self.logprobs.sum())  # 0.0 - : no -0.0 for an empty sum
+        mean = self.nll / max(self.tokens, 1)
+        # exp overflows a float past a mean of 709 nats a token
+        self.perplexity = math.nan if not self.tokens else math.exp(mean) if mean <= 709 else math.inf
         self.bits_per_byte = self.nll / math.log(2) / self.n_bytes if self.tokens and self.n_bytes else math.nan
 
 
@@ -95,20 +96,26 @@ def score_text(model, tokenizer, text: str, stride: int | None = DEFAULT_STRIDE,
 
 def score_texts(model, tokenizer, texts, stride: int | None = DEFAULT_STRIDE,
                 max_batch_tokens: int | None = None) -> list[Score]:
-    """Score many texts together -> one `Score` per text, in order.
+    """Score many texts together -> one `Score` per text, in order: each text's tokens by
+    `tokenizer`, then `score_many`; n_bytes each text's UTF-8 length."""
+    encoded = [_text_ids(model, tokenizer, text) for text in texts]
+    scores = score_many(model, [ids for ids, _ in encoded], stride, max_batch_tokens)
+    return [dataclasses.replace(score, n_bytes=n_bytes) for score, (_, n_bytes) in zip(scores, encoded)]
 
-    Each text's windows are run in batches of windows of similar length, at most
+
+def score_many(model, texts_ids, stride: int | None = DEFAULT_STRIDE, max_batch_tokens: int | None = None) -> list[Score]:
+    """Score many texts given as token ids ([N] integers each) together -> one `Score` each.
+
+    The texts' windows are run in batches of windows of similar length, at most
     `max_batch_tokens` positions (padding included) a batch (None: P, as many as one
     full-context pass, for which the model's workspace is sized); a longer window runs alone.
-    Each text gets what `score_text` gives it alone, to rounding (the products' sums may be cut
+    Each text gets what `score_ids` gives it alone, to rounding (the products' sums may be cut
     differently for another number of rows).
     """
     if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(
             max_batch_tokens, (int, np.integer)) or max_batch_tokens < 1):
         raise GPT2Error(f"max_batch_tokens must be a positive integer or None, found {max_batch_tokens!r}")
-    encoded = [_text_ids(model, tokenizer, text) for text in texts]
-    scores = _score_all(model, [ids for ids, _ in encoded], stride, 0, max_batch_tokens)
-    return [dataclasses.replace(score, n_bytes=n_bytes) for score, (_, n_bytes) in zip(scores, encoded)]
+    return _score_all(model, [_check_text_ids(model, ids) for ids in texts_ids], stride, 0, max_batch_tokens)
 
 
 def _text_ids(model, tokenizer, text) -> tuple[np.ndarray, int]:

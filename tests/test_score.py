@@ -238,6 +238,13 @@ def test_bad_arguments_raise_gpt2error(models, call, message):
     assert message in str(info.value)
 
 
+def test_stride_none_is_512_or_half_the_context(models, tiny_ref):
+    """None: the guide's 512 where it fits (GPT-2's 1024), else n_positions // 2 = 20 here."""
+    ids = np.random.default_rng(11).integers(0, 1000, 95)
+    reference, _, _ = reference_logprobs(tiny_ref.torch_model, ids, 20, "float64")
+    np.testing.assert_allclose(score_ids(models["float64"], ids, stride=None).logprobs, reference, rtol=0, atol=1e-12)
+
+
 def test_a_short_text_ignores_a_stride_it_does_not_need(models, tiny_ref):
     """stride 512 > n_positions is no error for a text that fits one window."""
     ids = np.random.default_rng(3).integers(0, 1000, 30)
