@@ -160,6 +160,7 @@ def _offsets(name):
 
 
 FC = "h.0.mlp.c_fc.weight"  # a tensor in the middle of the data
+NAMES = sorted(n for n in ST_HEADER if n != "__metadata__")
 HEADER_BYTES = json.dumps(ST_HEADER).encode()
 FILE_SIZE = 8 + len(HEADER_BYTES) + len(ST_DATA)
 
@@ -177,6 +178,19 @@ def _prefixed_and_bare() -> bytes:
     return ff.safetensors_bytes(header, ST_DATA + bytes(16))
 
 
+def _aliased() -> bytes:
+    """h.1.mlp.c_fc.weight on the bytes of h.0's, every other tensor packed after the other:
+    the data is tiled without a gap, but one range is read as two tensors."""
+    header, data = {"__metadata__": ST_HEADER["__metadata__"]}, bytearray()
+    for name in NAMES:
+        if name != "h.1.mlp.c_fc.weight":
+            begin, end = _offsets(name)
+            header[name] = {**ST_HEADER[name], "data_offsets": [len(data), len(data) + end - begin]}
+            data += ST_DATA[begin:end]
+    header["h.1.mlp.c_fc.weight"] = {**ST_HEADER["h.1.mlp.c_fc.weight"], "data_offsets": header[FC]["data_offsets"]}
+    return ff.safetensors_bytes(header, bytes(data))
+
+
 def _huge_header_length(n: int) -> bytes:
     return struct.pack("<Q", n) + HEADER_BYTES + ST_DATA
 
@@ -184,7 +198,7 @@ def _huge_header_length(n: int) -> bytes:
 SAFETENSORS_CASES = {
     # The 8-byte header length.
     **{f"length {n}": _huge_header_length(n) for n in
-       (0, 1, len(HEADER_BYTES) - 1, len(HEADER_BYTES) + 1, FILE_SIZE - 8, FILE_SIZE - 7, 2**63, 2**64 - 1)},
+       (0, 1, len(HEADER_BYTES) - 1, len(HEADER_BYTES) + 1, FILE_SIZE - 8, FILE_SIZE - 7, 2**40, 2**63, 2**64 - 1)},
     # The header bytes.
     "not UTF-8": ff.safetensors_bytes(b'{"\xff": 1}', ST_DATA),
     "UTF-16": ff.safetensors_bytes(json.dumps(ST_HEADER).encode("utf-16"), ST_DATA),
@@ -205,9 +219,11 @@ SAFETENSORS_CASES = {
        ([0], [1, 2, 3], None, "0,256", [-256, 0], _offsets(FC)[::-1], [1.5, 257.5], [str(n) for n in _offsets(FC)],
         [_offsets(FC)[0], 2**64], [_offsets(FC)[0], float("inf")], [_offsets(FC)[0], float("nan")],
         [n + 1 for n in _offsets(FC)], [n + len(ST_DATA) for n in _offsets(FC)])},
+    "one range read as two tensors": _aliased(),
     "offsets of another tensor": _edited(lambda h: (h[FC].__setitem__("data_offsets", h["h.1.mlp.c_fc.weight"]["data_offsets"]))),
     "empty tensor over its neighbour's bytes": _edited(lambda h: h[FC].update(shape=[0, 16], data_offsets=[_offsets(FC)[0]] * 2)),
-    "zero-size shape of 2**62 rows": _edited(lambda h: h[FC].update(shape=[2**62, 0], data_offsets=[_offsets(FC)[0]] * 2)),
+    "an extra empty tensor of 2**62 rows": _edited(lambda h: h.__setitem__("extra", {"dtype": "F32", "shape": [2**62, 0],
+                                                                                 "data_offsets": [0, 0]})),
     **{f"entry {v!r}": _edited(lambda h, v=v: h.__setitem__(FC, v)) for v in ("F32", 5, [], None)},
     **{f"entry without {k}": _edited(lambda h, k=k: h[FC].pop(k)) for k in ("dtype", "shape", "data_offsets")},
     # The metadata.
@@ -250,7 +266,7 @@ def test_safetensors_cut_at_a_section_boundary(tmp_path, keep):
 
 @pytest.mark.parametrize("entry", ["load_checkpoint", "from_pretrained"])
 @pytest.mark.parametrize("case", ["length 18446744073709551615", "nested 100000 deep", "shape [4, 15]",
-                                  "offsets of another tensor", "metadata ['format']", "layer 10**11"])
+                                  "one range read as two tensors", "metadata ['format']", "layer 10**11"])
 def test_hostile_directory_through_every_entry_point(tmp_path, case, entry):
     _write(tmp_path / "model.safetensors", SAFETENSORS_CASES[case])
     (tmp_path / "config.json").write_text(json.dumps(ff.TINY))
@@ -289,9 +305,6 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=8,
 )
-NAMES = sorted(n for n in ST_HEADER if n != "__metadata__")
-
-
 @FUZZ
 @given(name=st.sampled_from(NAMES), key=st.sampled_from(["dtype", "shape", "data_offsets"]), value=JSON_VALUES)
 def test_any_header_field_value(tmp_path, name, key, value):
