@@ -5,7 +5,7 @@ import json
 import math
 import os
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 from .fileio import atomic_write_bytes
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
@@ -36,29 +36,31 @@ class GPT2Config:
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
-            if not _is_int(value, minimum=1):
-                raise ConfigError(f"config: {name} must be a positive integer, found {value!r}")
-        if self.n_inner is not None and not _is_int(self.n_inner, minimum=1):
-            raise ConfigError(f"config: n_inner must be a positive integer or null, found {self.n_inner!r}")
+            if not _is_size(value):
+                raise ConfigError(f"config: {name} must be a positive integer below 2**63, found {brief(value)}")
+        if self.n_inner is not None and not _is_size(self.n_inner):
+            raise ConfigError(
+                f"config: n_inner must be a positive integer below 2**63 or null, found {brief(self.n_inner)}"
+            )
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
             )
         if self.activation_function not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(
-                f"config: activation_function {self.activation_function!r} is not supported; "
+                f"config: activation_function {brief(self.activation_function)} is not supported; "
                 f"GPT-2 uses the tanh GELU, one of {', '.join(SUPPORTED_ACTIVATIONS)}"
             )
         eps = self.layer_norm_epsilon
         if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
-            raise ConfigError(f"config: layer_norm_epsilon must be a positive finite number, found {eps!r}")
+            raise ConfigError(f"config: layer_norm_epsilon must be a positive finite number, found {brief(eps)}")
         for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"config: {name} must be true or false, found {getattr(self, name)!r}")
+                raise ConfigError(f"config: {name} must be true or false, found {brief(getattr(self, name))}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and not _is_int(value, minimum=0):
-                raise ConfigError(f"config: {name} must be a token id (an integer >= 0) or null, found {value!r}")
+                raise ConfigError(f"config: {name} must be a token id (an integer >= 0) or null, found {brief(value)}")
 
     @property
     def head_dim(self) -> int:
@@ -88,7 +90,7 @@ class GPT2Config:
             raise ConfigError(f"{source}: expected a JSON object, found {type(data).__name__}")
         model_type = data.get("model_type", "gpt2")
         if model_type != "gpt2":
-            raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'gpt2'")
+            raise ConfigError(f"{source}: model_type is {brief(model_type)}, expected 'gpt2'")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         if "n_positions" not in kwargs and "n_ctx" in data:
@@ -137,6 +139,11 @@ class GPT2Config:
 def _is_int(value, minimum: int) -> bool:
     """True for an int (not a bool, which JSON's true would give) of at least `minimum`."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_size(value) -> bool:
+    """True for a positive int that can size a NumPy array (below 2**63, its index type's limit)."""
+    return _is_int(value, minimum=1) and value < 1 << 63
 
 
 PRESETS = {

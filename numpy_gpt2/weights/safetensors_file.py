@@ -17,7 +17,7 @@ import struct
 import numpy as np
 
 from ..config import GPT2Config
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 from ..fileio import atomic_path
 from .checkpoint import Checkpoint, infer_config, official_names, validate
 from .dtypes import STORAGE, file_dtype_of, shape_problem
@@ -76,7 +76,7 @@ def _read(path):
     data_len = size - data_start
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{path}: __metadata__ is {metadata!r}, expected an object of strings")
+        raise CheckpointError(f"{path}: __metadata__ is {brief(metadata)}, expected an object of strings")
     entries = {name: _header_entry(path, name, info) for name, info in header.items()}
     for name, (_, _, _, end) in entries.items():
         if end > data_len:
@@ -97,16 +97,18 @@ def _read(path):
 
 def _refuse_duplicates(pairs):
     """A JSON object as a dict, refusing a name given twice (Python's json would keep the last)."""
-    names = [name for name, _ in pairs]
-    if len(set(names)) < len(names):
-        raise ValueError(f"{next(n for n in names if names.count(n) > 1)!r} is named twice")
-    return dict(pairs)
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        twice = next(name for name, _ in pairs if name in seen or seen.add(name))
+        raise ValueError(f"{brief(twice)} is named twice")
+    return obj
 
 
 def _header_entry(path, name, info):
     """(dtype, shape, begin, end) of one tensor's header entry, each checked against the format."""
     def corrupt():
-        return CheckpointError(f"{path}: corrupt header entry for tensor {name}: {info!r}")
+        return CheckpointError(f"{path}: corrupt header entry for tensor {name}: {brief(info)}")
 
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise corrupt()
@@ -114,14 +116,14 @@ def _header_entry(path, name, info):
     if not isinstance(dtype, str) or not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
         raise corrupt()
     if dtype not in STORAGE:
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {brief(dtype)}")
     begin, end = offsets
     if begin < 0 or end < begin or any(n < 0 for n in shape):
         raise corrupt()
     itemsize = STORAGE[dtype].itemsize
     problem = shape_problem(shape, itemsize)
     if problem:
-        raise CheckpointError(f"{path}: tensor {name} has shape {tuple(shape)}: {problem}")
+        raise CheckpointError(f"{path}: tensor {name} has shape {brief(tuple(shape))}: {problem}")
     if end - begin != math.prod(shape) * itemsize:
         raise CheckpointError(
             f"{path}: tensor {name} has {end - begin} bytes, expected "

@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 from .crc32c import crc32c, unmask
 from .dtypes import STORAGE, TF_DATATYPES, TF_UNSUPPORTED, shape_problem
 
@@ -304,7 +304,7 @@ class TensorBundle:
             dtype = STORAGE[TF_DATATYPES[entry.dtype]].newbyteorder(self.byte_order)
             problem = shape_problem(entry.shape, dtype.itemsize)
             if problem:
-                raise CheckpointError(f"{self.index_path}: tensor {name} has shape {entry.shape}: {problem}")
+                raise CheckpointError(f"{self.index_path}: tensor {name} has shape {brief(entry.shape)}: {problem}")
             count = math.prod(entry.shape)
             if entry.size != count * dtype.itemsize:
                 raise CheckpointError(
