@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
+from fuzz_files import block_handles, crc32c_reference as _crc32c_reference, gpt2_shapes, masked as _masked
 from numpy_gpt2 import cli
 from numpy_gpt2.errors import CheckpointError, ModelNotFoundError
 from numpy_gpt2.weights import load_checkpoint
@@ -53,21 +54,7 @@ def ckpt_copy(fixture_dir, tmp_path) -> pathlib.Path:
     return target
 
 
-# --- A reference CRC-32C, one bit at a time, straight from the reflected polynomial. ---------
-
-def _crc32c_reference(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked(crc: int) -> int:
-    """LevelDB's crc32c::Mask (util/crc32c.h)."""
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
+# --- The reference CRC-32C (tests/fuzz_files.py: one bit at a time, from the polynomial). ----
 
 def test_reference_crc32c_check_value():
     assert _crc32c_reference(b"123456789") == 0xE3069283  # the published CRC-32C check value
@@ -83,18 +70,7 @@ def test_crc32c_matches_reference(n):
 
 def _expected_shapes() -> dict:
     """The shapes the fixture README gives, under Hugging Face names, Conv1D squeezed to [in, out]."""
-    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    for i in range(L):
-        p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
-            p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,),
-            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-            p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-            p + "mlp.c_fc.weight": (C, 4 * C), p + "mlp.c_fc.bias": (4 * C,),
-            p + "mlp.c_proj.weight": (4 * C, C), p + "mlp.c_proj.bias": (C,),
-        })
-    return shapes
+    return gpt2_shapes(V, P, C, L)
 
 
 def _buffer_root(array: np.ndarray):
@@ -229,14 +205,7 @@ def _single_data_block(index: bytes) -> int:
     block the metaindex handle (first varint of the footer) starts right after its 5-byte trailer.
     The stored checksum confirms the reading.
     """
-    footer = index[-48:]
-    offset, shift, pos = 0, 0, 0
-    while True:
-        offset |= (footer[pos] & 0x7F) << shift
-        shift += 7
-        pos += 1
-        if footer[pos - 1] < 0x80:
-            break
+    (offset, _), _ = block_handles(index[-48:])
     size = offset - 5
     assert int.from_bytes(index[size + 1 : size + 5], "little") == _masked(_crc32c_reference(index[: size + 1]))
     return size
