@@ -237,6 +237,7 @@ SAFETENSORS_CASES = {
     **{f"entry {v!r}": _edited(lambda h, v=v: h.__setitem__(FC, v)) for v in ("F32", 5, [], None)},
     "entry of 100000 characters": _edited(lambda h: h.__setitem__(FC, "x" * 100_000)),
     "metadata of 100000 entries": _edited(lambda h: h.__setitem__("__metadata__", {str(i): i for i in range(100_000)})),
+    "a header of 5 MiB": _edited(lambda h: h.__setitem__("__metadata__", {"pad": "x" * (5 * 2**20)})),
     **{f"entry without {k}": _edited(lambda h, k=k: h[FC].pop(k)) for k in ("dtype", "shape", "data_offsets")},
     # The metadata.
     **{f"metadata {v!r}": _edited(lambda h, v=v: h.__setitem__("__metadata__", v)) for v in
@@ -255,6 +256,17 @@ SAFETENSORS_CASES = {
     "layer index of 5000 digits": _edited(lambda h: h.__setitem__(f"h.{'9' * 5000}.ln_1.weight", h.pop("h.1.ln_1.weight"))),
     "a tensor with and without transformer.": _prefixed_and_bare(),
 }
+
+
+def test_many_tensors_are_refused_by_their_count(tmp_path):
+    """Tens of thousands of small entries take seconds to check one by one: refused by their
+    count first (no GPT-2 checkpoint lists more than 20000), the message saying so."""
+    content = _edited(lambda h: h.update({f"extra.{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                                         for i in range(20_001)}))
+    path = _write(tmp_path / "model.safetensors", content)
+    _assert_refused(path)
+    count = len([name for name in ST_HEADER if name != "__metadata__"]) + 20_001
+    assert f"the header lists {count} tensors, more than the 20000" in str(_load(path))
 
 
 def _boundaries() -> list[int]:

@@ -22,7 +22,11 @@ from ..fileio import atomic_path
 from .checkpoint import Checkpoint, infer_config, official_names, validate
 from .dtypes import STORAGE, file_dtype_of, shape_problem
 
-_MAX_HEADER = 100 * 1024 * 1024
+# A GPT-2 checkpoint lists about 14 tensors a layer (gpt2-xl's header is under 100 KB), so a
+# header of more bytes or more tensors than these is refused before it is read entry by entry:
+# the limits keep a hostile header's parse to a fraction of a second and a few tens of MB.
+_MAX_HEADER = 4 * 1024 * 1024
+_MAX_TENSORS = 20_000
 
 
 def load_safetensors(path: str, config: GPT2Config | None = None, n_head: int | None = None) -> Checkpoint:
@@ -77,6 +81,9 @@ def _read(path):
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: __metadata__ is {brief(metadata)}, expected an object of strings")
+    if len(header) > _MAX_TENSORS:
+        raise CheckpointError(f"{path}: the header lists {len(header)} tensors, more than the {_MAX_TENSORS} "
+                              "a GPT-2 checkpoint could hold")
     entries = {name: _header_entry(path, name, info) for name, info in header.items()}
     for name, (_, _, _, end) in entries.items():
         if end > data_len:
