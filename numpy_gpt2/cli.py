@@ -1,4 +1,4 @@
-"""The `numpy-gpt2` command line: generate, tokenize, info, convert, download, prepare, train.
+"""The `numpy-gpt2` command line: generate, tokenize, info, convert, download, prepare, train, attention.
 
 Every known error (GPT2Error, OSError, a bad flag) becomes one line on stderr and a non-zero
 exit; anything else is a bug and keeps its traceback. One module for all seven subcommands
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     dl.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_training_commands(sub)
+    _add_attention_command(sub)
     return parser
 
 
@@ -221,6 +222,20 @@ def _add_training_commands(sub):
     tr.add_argument("--quiet", action="store_true", help="no progress line")
 
 
+def _add_attention_command(sub):
+    att = sub.add_parser("attention", help="draw a layer's attention weights over a text (needs matplotlib)",
+                         description="Draw the attention weights of --layer over TEXT (or standard input) as a "
+                                     "heat map, the tokens on both axes (rows: queries, columns: keys), into "
+                                     "a PNG file: one head, or all heads as a grid. Needs matplotlib.")
+    att.add_argument("text", nargs="?", help="the text (UTF-8); read from stdin when omitted, less one "
+                                             "trailing newline, as generate reads its prompt")
+    att.add_argument("--layer", type=_non_negative_int, required=True, help="the layer, counting from 0")
+    att.add_argument("--head", type=_non_negative_int, default=None,
+                     help="the head, counting from 0 (default: all heads, as a grid)")
+    att.add_argument("--out", required=True, metavar="FILE.png", help="the picture to write")
+    _add_model_args(att)
+
+
 def _read_text(arg, what):
     """The argument, else standard input less one trailing newline (the one `echo` adds); UTF-8 only."""
     if arg is not None:
@@ -262,10 +277,24 @@ def _resolve(model, n_head):
     return path
 
 
-def _cmd_generate(args):
+def _load(path, args):
+    """The model at `path` (--dtype, --n-head) and its tokenizer."""
     from .model import GPT2
     from .tokenizer import Tokenizer
 
+    # The tokenizer's files are parsed while the weights are copied, mostly outside the GIL.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tokenizer = pool.submit(Tokenizer.from_pretrained, path)
+        model = GPT2.from_pretrained(path, dtype=args.dtype, n_head=args.n_head)
+        return model, tokenizer.result()
+
+
+def _check_vocabulary(ids, vocab_size, what):
+    if max(ids) >= vocab_size:
+        raise GPT2Error(f"{what} has token {max(ids)}, outside the model's vocabulary of {vocab_size}")
+
+
+def _cmd_generate(args):
     prompt = _read_text(args.prompt, "prompt")
     if not prompt.strip():
         raise GPT2Error("the prompt is empty")
@@ -275,16 +304,10 @@ def _cmd_generate(args):
         from .threads import set_threads
 
         set_threads(args.threads)
-    path = _resolve(args.model, args.n_head)
+    model, tokenizer = _load(_resolve(args.model, args.n_head), args)
     _say_if_compiling()
-    # The tokenizer's files are parsed while the weights are copied, mostly outside the GIL.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        tokenizer = pool.submit(Tokenizer.from_pretrained, path)
-        model = GPT2.from_pretrained(path, dtype=args.dtype, n_head=args.n_head)
-        tokenizer = tokenizer.result()
     ids = tokenizer.encode(prompt)
-    if max(ids) >= model.config.vocab_size:
-        raise GPT2Error(f"the prompt has token {max(ids)}, outside the model's vocabulary of {model.config.vocab_size}")
+    _check_vocabulary(ids, model.config.vocab_size, "the prompt")
     _check_context(len(ids), args.max_new_tokens, model.config.n_positions)
     options = dict(
         max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
@@ -405,8 +428,34 @@ def _cmd_train(args):
     print(f"step {last['step']}: {loss}val loss {val:.4f}; saved to {args.out}")
 
 
+def _cmd_attention(args):
+    from .plots import check_png_path, plot_attention
+
+    check_png_path(args.out, "--out")
+    text = _read_text(args.text, "text")
+    if not text:
+        raise GPT2Error("the text is empty")
+    model, tokenizer = _load(_resolve(args.model, args.n_head), args)
+    c = model.config
+    if args.layer >= c.n_layer:
+        raise GPT2Error(f"--layer {args.layer} is out of range: the model has {c.n_layer} layers, "
+                        f"--layer 0 to {c.n_layer - 1}")
+    if args.head is not None and args.head >= c.n_head:
+        raise GPT2Error(f"--head {args.head} is out of range: the model has {c.n_head} heads per layer, "
+                        f"--head 0 to {c.n_head - 1}")
+    ids = tokenizer.encode(text)
+    _check_vocabulary(ids, c.vocab_size, "the text")
+    if len(ids) > c.n_positions:
+        raise GPT2Error(f"the text is {len(ids)} tokens, more than the model's context of n_positions="
+                        f"{c.n_positions}; shorten it to at most {c.n_positions} tokens")
+    weights = model.trace(np.array(ids)).attentions[args.layer][0]
+    plot_attention(weights, tokenizer.pieces(ids), args.out, args.layer, args.head)
+    heads = f"head {args.head}" if args.head is not None else f"all {c.n_head} heads"
+    print(f"{args.out}: attention weights of layer {args.layer}, {heads}, over {len(ids)} tokens")
+
+
 _COMMANDS = {"generate": _cmd_generate, "tokenize": _cmd_tokenize, "info": _cmd_info, "convert": _cmd_convert,
-             "download": _cmd_download, "prepare": _cmd_prepare, "train": _cmd_train}
+             "download": _cmd_download, "prepare": _cmd_prepare, "train": _cmd_train, "attention": _cmd_attention}
 
 
 def main(argv=None) -> int:
