@@ -1,8 +1,8 @@
 """The `numpy-gpt2` command line: generate, tokenize, info, convert, download, prepare, train, attention.
 
 Every known error (GPT2Error, OSError, a bad flag) becomes one line on stderr and a non-zero
-exit; anything else is a bug and keeps its traceback. One module for all seven subcommands
-(a little over 400 lines): their flags, and the checks that must speak in flags rather than in
+exit; anything else is a bug and keeps its traceback. One module for all eight subcommands
+(under 500 lines): their flags, and the checks that must speak in flags rather than in
 the Python parameters behind them, read best side by side.
 """
 

@@ -165,21 +165,22 @@ def _attention_figure(weights, pieces, layer, head):
     rows = math.ceil(len(heads) / cols)
     # One head: cells wide enough for 8-point labels; a grid: smaller cells, labels on its edges.
     cell = _CELL_INCHES if head is not None else _CELL_INCHES / 2
-    side = min((_MAX_INCHES - 2) / cols, max(2.5 if head is None else 5.0, cell * T))
-    figure = new_figure(cols * side + 2.5, rows * side + 2.0, "plot_attention")
+    margin = 2.5  # the labels, the colour bar
+    side = min((_MAX_INCHES - margin) / cols, max(2.5 if head is None else 5.0, cell * T))
+    figure = new_figure(cols * side + margin, rows * side + margin - 0.5, "plot_attention")
     grid = figure.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     for k, ax in enumerate(grid.flat):
         if k >= len(heads):
             ax.set_visible(False)
             continue
         h = heads[k]
+        # 0..1 for every head: the pictures of two heads or two layers compare at a glance.
         image = ax.imshow(np.ma.masked_array(weights[h], mask=future), cmap="viridis", vmin=0, vmax=1,
                           interpolation="nearest")
         ax.set_title(f"head {h}" if head is None else f"Attention weights: layer {layer}, head {h}")
-        r, c = divmod(k, cols)
-        if c == 0:
+        if k % cols == 0:
             _label_axis(ax, "y", labels, side / T)
-        if r == rows - 1 or k + cols >= len(heads):
+        if k + cols >= len(heads):  # no panel below it
             _label_axis(ax, "x", labels, side / T)
             ax.xaxis.set_tick_params(labelbottom=True)
         if head is not None:

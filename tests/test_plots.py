@@ -137,9 +137,9 @@ def test_display_piece(piece, shown):
 
 
 def test_any_unicode_is_drawn_without_error_or_warning(tmp_path, recwarn):
-    """Pieces that trip matplotlib up when passed as they are: "$...$" is mathtext (and "$\\"
+    """Pieces that trip matplotlib up when passed as they are: "$...$" is mathtext (and "$^$"
     a parse error), a lone surrogate cannot be encoded, glyphs the fonts lack warn."""
-    pieces = ["$x$", "$\\", "\\$", "\ud800", "日本語", "🎉", "\u202e", "\x7f", "ab\u0301", "^_{}", "%s", ""]
+    pieces = ["$x$", "$\\", "\\$", "$^$", "\ud800", "日本語", "🎉", "\u202e", "\x7f", "ab\u0301", "^_{}", "%s", ""]
     N = len(pieces)
     plots.plot_token_logprobs(pieces, -np.arange(1.0, N + 1), tmp_path / "bars.png")
     plots.plot_attention(np.tril(np.ones((2, N, N))) / np.arange(1, N + 1)[:, None], pieces, tmp_path / "att.png", 0, None)
