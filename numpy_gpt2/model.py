@@ -273,10 +273,11 @@ class GPT2:
         B, T = ids.shape
         start = cache.length
         x = self._embed(ids, positions)                                             # [B, T, C]
-        if T == 1 and B <= kernels.FEW_ROWS:
-            # A decoding step: each block in one Numba call, the same maths (`ops.block`).
+        if B * T <= kernels.FEW_ROWS:
+            # A decoding step or a short prompt: each block in one Numba call, the same maths
+            # (`ops.block`).
             for layer, block in enumerate(self.h):
-                kernels.decode_block(x.reshape(B, -1), block, cache.k[layer], cache.v[layer], cache.key_mask,
+                kernels.decode_block(x, block, cache.k[layer], cache.v[layer], cache.key_mask,
                                      start, self.attn_scales[layer], self.config.layer_norm_epsilon)
         else:
             for layer, block in enumerate(self.h):
