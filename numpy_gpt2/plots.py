@@ -52,16 +52,21 @@ def save_png(figure, path) -> None:
 
 
 def display_piece(piece: str) -> str:
-    """A token's text as an axis label: whitespace visible (" " as ␣, newline as ↵, tab as ⇥),
-    other control and unpaired surrogate characters as escapes, at most _MAX_PIECE characters."""
-    shown = "".join(_VISIBLE.get(c) or (c if unicodedata.category(c)[0] != "C" else _escape(c)) for c in piece)
+    """A token's text as an axis label: whitespace visible (" " as ␣, newline as ↵, tab as ⇥,
+    other spaces as escapes), control and unpaired surrogate characters as escapes; at most
+    _MAX_PIECE characters."""
+    shown = "".join(map(_show, piece))
     if not shown:
         return "∅"
     return shown if len(shown) <= _MAX_PIECE else shown[:_MAX_PIECE - 1] + "…"
 
 
-def _escape(c: str) -> str:
-    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+def _show(c: str) -> str:
+    if c in _VISIBLE:
+        return _VISIBLE[c]
+    if c.isspace() or unicodedata.category(c)[0] == "C":
+        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+    return c
 
 
 def check_png_path(path, what: str) -> str:
@@ -115,11 +120,11 @@ def _logprobs_figure(pieces, logprobs):
     N = len(pieces)
     width = min(_MAX_INCHES, max(6.0, _MARGIN_INCHES + _BAR_INCHES * N))
     figure = new_figure(width, 4.5, "plot_token_logprobs")
+    from matplotlib import colormaps
+
     axes = figure.add_subplot()
     positions = np.arange(N)
     # The surprise -logprob colours each bar, on one scale for the whole text.
-    from matplotlib import colormaps
-
     colours = colormaps["viridis_r"](-logprobs / max(1e-12, float(-logprobs.min())))
     axes.bar(positions, logprobs, width=0.8, color=colours)
     axes.set_xlim(-0.6, N - 0.4)

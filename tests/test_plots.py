@@ -129,7 +129,7 @@ def test_bars_are_the_logprobs_given(tiny_ref, ids):
 
 @pytest.mark.parametrize("piece, shown", [
     (" the", "␣the"), ("\n\n", "↵↵"), ("\t}", "⇥}"), ("\r\n", "␍↵"), ("naïve", "naïve"), ("日本", "日本"),
-    ("\x00\x1b", "\\x00\\x1b"), ("\ud800", "\\ud800"), ("\u200b", "\\u200b"), ("", "∅"), ("$x$", "$x$"),
+    ("\x00\x1b", "\\x00\\x1b"), ("\ud800", "\\ud800"), ("\u200b", "\\u200b"), ("\xa0\u2028", "\\xa0\\u2028"), ("", "∅"), ("$x$", "$x$"),
     ("-" * 40, "-" * 15 + "…"),
 ])
 def test_display_piece(piece, shown):
