@@ -357,13 +357,15 @@ def _cmd_generate(args):
     sys.stdout.write("\n")
 
 
-def _model_and_tokenizer(args):
-    """--model, --n-head, --dtype -> the GPT2 and its Tokenizer."""
+def _model_and_tokenizer(args, kernels=True):
+    """--model, --n-head, --dtype -> the GPT2 and its Tokenizer. kernels: whether the command
+    runs the compiled kernels (the first run then says it compiles them), not only `trace`."""
     from .model import GPT2
     from .tokenizer import Tokenizer
 
     path = _resolve(args.model, args.n_head)
-    _say_if_compiling()
+    if kernels:
+        _say_if_compiling()
     # The tokenizer's files are parsed while the weights are copied, mostly outside the GIL.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         tokenizer = pool.submit(Tokenizer.from_pretrained, path)
@@ -486,6 +488,10 @@ def _cmd_score(args):
     if args.out is None:
         if len(args.inputs) > 1:
             raise GPT2Error("give one text (a FILE, - or the text itself), or JSON Lines files with --out DIR")
+        if args.plot:
+            from .plots import check_png_path
+
+            check_png_path(args.plot, "--plot")  # before the scoring, in the flag's name
         text = _score_input(args.inputs[0] if args.inputs else None)
         model, tokenizer = _model_and_tokenizer(args)
         _check_stride(args.stride, model.config.n_positions)
@@ -494,6 +500,9 @@ def _cmd_score(args):
         if args.plot:
             from .plots import plot_token_logprobs
 
+            if result.tokens == 0:
+                raise GPT2Error(f"--plot: the text is {len(result.ids)} token{'s' * (len(result.ids) != 1)}, "
+                                "so no token is scored and there is nothing to draw")
             plot_token_logprobs(tokenizer.pieces(result.ids[1:]), result.logprobs, args.plot)
         return
     if not args.inputs:
@@ -542,7 +551,7 @@ def _cmd_attention(args):
     text = _read_text(args.text, "text")
     if not text:
         raise GPT2Error("the text is empty")
-    model, tokenizer = _model_and_tokenizer(args)
+    model, tokenizer = _model_and_tokenizer(args, kernels=False)  # trace is plain NumPy
     c = model.config
     if args.layer >= c.n_layer:
         raise GPT2Error(f"--layer {args.layer} is out of range: the model has {c.n_layer} layers, "

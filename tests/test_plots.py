@@ -8,8 +8,10 @@ attention; `torch.log_softmax` of its logits for the log-probabilities), the PNG
 matplotlib's own reader (`matplotlib.image.imread`) for the files, and hand-written labels for
 how pieces are shown. The drawn values are read back from the Figure the code builds
 (`AxesImage.get_array`, `Rectangle.get_height`), so a test sees what is drawn, not what was
-meant to be. Tolerances: `conftest.tolerance` (attention weights are in [0, 1], so 1e-4 in
-float32, 1e-9 in float64).
+meant to be. Tolerances: `conftest.tolerance`, the project's one rule (1e-4 x max(1, max |x|) in
+float32, 1e-9 in float64). Measured on the tiny reference: attention weights differ from
+transformers' by 3.3e-7 in float32 and 7e-16 in float64, the log-probabilities (up to 8.3 in
+size) by 9.2e-7 and 1.8e-15, so a wrong layer, head, token or sign is far outside them.
 """
 
 import os
@@ -24,7 +26,7 @@ import pytest
 from conftest import tolerance
 from numpy_gpt2 import GPT2, GPT2Error, cli, plots, threads
 from numpy_gpt2.tokenizer import Tokenizer
-from test_cli import _ok, _run, env  # noqa: F401  (env: the fixture of the CLI's environment)
+from test_cli import _ok, _run, _run_on_a_terminal, env  # noqa: F401  (env: the fixture of the CLI's environment)
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 
@@ -48,13 +50,12 @@ def _torch_attentions(ref, ids, dtype):
     return [a[0].numpy() for a in out.attentions]
 
 
-def _torch_logprobs(ref, ids):
+def _torch_logprobs(ref, ids, dtype="float32"):
     """log p(ids[i+1] | ids[:i+1]) from transformers' logits and torch.log_softmax: [N-1]."""
     import torch
 
-    with torch.no_grad():
-        logits = ref.torch_model(torch.as_tensor([ids])).logits[0]
-    return torch.log_softmax(logits.double(), dim=-1)[torch.arange(len(ids) - 1), torch.as_tensor(ids[1:])].numpy()
+    logits = torch.as_tensor(ref.logits([ids], dtype=dtype)[0, :-1]).double()
+    return torch.log_softmax(logits, dim=-1)[torch.arange(len(ids) - 1), torch.as_tensor(ids[1:])].numpy()
 
 
 def _images(figure):
@@ -270,6 +271,15 @@ def test_attention_command_reads_stdin_and_draws_all_heads(tiny_ref, env, tmp_pa
     assert out.read_bytes()[:8] == PNG_SIGNATURE and matplotlib_image.imread(out).ndim == 3
 
 
+def test_attention_command_compiles_nothing_and_says_nothing_of_it(tiny_ref, env, tmp_path):
+    """It draws from `trace` (plain NumPy): with an empty Numba cache, on a terminal, no
+    "compiling kernels" line, and nothing compiled."""
+    env = {**env, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    args = ("attention", TEXT, "--layer", 0, "--out", tmp_path / "a.png", "--model", tiny_ref.hub_dir)
+    assert _run_on_a_terminal(env, *args) == (0, "")
+    assert not list(tmp_path.rglob("*.nbi"))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_attention_command_draws_transformers_weights(tiny_ref, ids, monkeypatch, tmp_path, dtype):
     """The command in this process, its figure caught on the way to the file: the layer, the
@@ -323,6 +333,49 @@ def test_attention_command_errors_are_one_line(case, tiny_ref, env, tmp_path):
         args += ["--out", str(tmp_path / "a.png")]
     result = _run(env, "attention", text, *args, "--model", tiny_ref.hub_dir)
     assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(pattern.format(tmp=re.escape(str(tmp_path))), result.stderr.strip()), result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+# ---- score --plot -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_score_plot_draws_transformers_logprobs(tiny_ref, ids, monkeypatch, tmp_path, capsys, dtype):
+    """`score TEXT --plot` in this process, its figure caught on the way to the file: one bar per
+    scored token, of the height torch.log_softmax gives transformers' logits; the pieces below."""
+    drawn = []
+    save_png = plots.save_png
+    monkeypatch.setattr(plots, "save_png", lambda figure, path: (drawn.append(figure), save_png(figure, path)))
+    monkeypatch.setattr(threads, "choose_blas_kernels", lambda: None)  # pytest's BLAS stays as it is
+    out = tmp_path / "logprobs.png"
+    assert cli.main(["score", TEXT, "--plot", str(out), "--model", str(tiny_ref.hub_dir), "--dtype", dtype]) == 0
+    (figure,) = drawn
+    (axes,) = figure.axes
+    reference = _torch_logprobs(tiny_ref, ids, dtype)
+    heights = np.array([bar.get_height() for bar in axes.patches])
+    assert heights.shape == (len(ids) - 1,)
+    np.testing.assert_allclose(heights, reference, rtol=0, atol=tolerance(reference, dtype))
+    assert [t.get_text() for t in axes.get_xticklabels()] == LABELS[1:]
+    assert "perplexity" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == PNG_SIGNATURE and _png_size(out) == (600, 450)
+
+
+def test_score_plot_writes_the_png(tiny_ref, env, tmp_path):
+    out = tmp_path / "logprobs.png"
+    stdout = _ok(_run(env, "score", TEXT, "--plot", out, "--model", tiny_ref.hub_dir))
+    assert stdout.startswith("tokens ") and "perplexity" in stdout
+    assert out.read_bytes()[:8] == PNG_SIGNATURE and _png_size(out) == (600, 450)
+
+
+@pytest.mark.parametrize("text, out, pattern", [
+    (TEXT, "{tmp}/a.jpg", r"--plot: {tmp}/a\.jpg does not end in \.png"),
+    (TEXT, "{tmp}/nowhere/a.png", r"--plot: the directory {tmp}/nowhere does not exist$"),
+    ("I", "{tmp}/a.png", r"--plot: the text is 1 token, so no token is scored and there is nothing to draw$"),
+])
+def test_score_plot_errors_are_one_line(tiny_ref, env, tmp_path, text, out, pattern):
+    result = _run(env, "score", text, "--plot", out.format(tmp=tmp_path), "--model", tiny_ref.hub_dir)
+    assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert re.search(pattern.format(tmp=re.escape(str(tmp_path))), result.stderr.strip()), result.stderr
     assert os.listdir(tmp_path) == []
