@@ -1,9 +1,9 @@
 """The `numpy-gpt2` command line: generate, tokenize, info, convert, download, prepare, train,
-score.
+score, attention.
 
 Every known error (GPT2Error, OSError, a bad flag) becomes one line on stderr and a non-zero
-exit; anything else is a bug and keeps its traceback. One module for all eight subcommands
-(about 550 lines): their flags, and the checks that must speak in flags rather than in the
+exit; anything else is a bug and keeps its traceback. One module for all nine subcommands
+(about 600 lines): their flags, and the checks that must speak in flags rather than in the
 Python parameters behind them, read best side by side; what a command does is in its module.
 """
 
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_training_commands(sub)
     _add_score_command(sub)
+    _add_attention_command(sub)
     return parser
 
 
@@ -261,6 +262,20 @@ def _add_score_command(sub):
     many.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_attention_command(sub):
+    att = sub.add_parser("attention", help="draw a layer's attention weights over a text (needs matplotlib)",
+                         description="Draw the attention weights of --layer over TEXT (or standard input) as a "
+                                     "heat map, the tokens on both axes (rows: queries, columns: keys), into "
+                                     "a PNG file: one head, or all heads as a grid. Needs matplotlib.")
+    att.add_argument("text", nargs="?", help="the text (UTF-8); read from stdin when omitted, less one "
+                                             "trailing newline, as generate reads its prompt")
+    att.add_argument("--layer", type=_non_negative_int, required=True, help="the layer, counting from 0")
+    att.add_argument("--head", type=_non_negative_int, default=None,
+                     help="the head, counting from 0 (default: all heads, as a grid)")
+    att.add_argument("--out", required=True, metavar="FILE.png", help="the picture to write")
+    _add_model_args(att)
+
+
 def _read_text(arg, what):
     """The argument, else standard input less one trailing newline (the one `echo` adds); UTF-8 only."""
     if arg is not None:
@@ -302,6 +317,11 @@ def _resolve(model, n_head):
     return path
 
 
+def _check_vocabulary(ids, vocab_size, what):
+    if max(ids) >= vocab_size:
+        raise GPT2Error(f"{what} has token {max(ids)}, outside the model's vocabulary of {vocab_size}")
+
+
 def _cmd_generate(args):
     prompt = _read_text(args.prompt, "prompt")
     if not prompt.strip():
@@ -314,8 +334,7 @@ def _cmd_generate(args):
         set_threads(args.threads)
     model, tokenizer = _model_and_tokenizer(args)
     ids = tokenizer.encode(prompt)
-    if max(ids) >= model.config.vocab_size:
-        raise GPT2Error(f"the prompt has token {max(ids)}, outside the model's vocabulary of {model.config.vocab_size}")
+    _check_vocabulary(ids, model.config.vocab_size, "the prompt")
     _check_context(len(ids), args.max_new_tokens, model.config.n_positions)
     options = dict(
         max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
@@ -338,13 +357,15 @@ def _cmd_generate(args):
     sys.stdout.write("\n")
 
 
-def _model_and_tokenizer(args):
-    """--model, --n-head, --dtype -> the GPT2 and its Tokenizer."""
+def _model_and_tokenizer(args, kernels=True):
+    """--model, --n-head, --dtype -> the GPT2 and its Tokenizer. kernels: whether the command
+    runs the compiled kernels (the first run then says it compiles them), not only `trace`."""
     from .model import GPT2
     from .tokenizer import Tokenizer
 
     path = _resolve(args.model, args.n_head)
-    _say_if_compiling()
+    if kernels:
+        _say_if_compiling()
     # The tokenizer's files are parsed while the weights are copied, mostly outside the GIL.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         tokenizer = pool.submit(Tokenizer.from_pretrained, path)
@@ -467,6 +488,10 @@ def _cmd_score(args):
     if args.out is None:
         if len(args.inputs) > 1:
             raise GPT2Error("give one text (a FILE, - or the text itself), or JSON Lines files with --out DIR")
+        if args.plot:
+            from .plots import check_png_path
+
+            check_png_path(args.plot, "--plot")  # before the scoring, in the flag's name
         text = _score_input(args.inputs[0] if args.inputs else None)
         model, tokenizer = _model_and_tokenizer(args)
         _check_stride(args.stride, model.config.n_positions)
@@ -475,6 +500,9 @@ def _cmd_score(args):
         if args.plot:
             from .plots import plot_token_logprobs
 
+            if result.tokens == 0:
+                raise GPT2Error(f"--plot: the text is {len(result.ids)} token{'s' * (len(result.ids) != 1)}, "
+                                "so no token is scored and there is nothing to draw")
             plot_token_logprobs(tokenizer.pieces(result.ids[1:]), result.logprobs, args.plot)
         return
     if not args.inputs:
@@ -516,8 +544,35 @@ def _check_stride(stride, n_positions):
                         f"(each window keeps some of the last as context)")
 
 
+def _cmd_attention(args):
+    from .plots import check_png_path, plot_attention
+
+    check_png_path(args.out, "--out")
+    text = _read_text(args.text, "text")
+    if not text:
+        raise GPT2Error("the text is empty")
+    model, tokenizer = _model_and_tokenizer(args, kernels=False)  # trace is plain NumPy
+    c = model.config
+    if args.layer >= c.n_layer:
+        raise GPT2Error(f"--layer {args.layer} is out of range: the model has {c.n_layer} layers, "
+                        f"--layer 0 to {c.n_layer - 1}")
+    if args.head is not None and args.head >= c.n_head:
+        raise GPT2Error(f"--head {args.head} is out of range: the model has {c.n_head} heads per layer, "
+                        f"--head 0 to {c.n_head - 1}")
+    ids = tokenizer.encode(text)
+    _check_vocabulary(ids, c.vocab_size, "the text")
+    if len(ids) > c.n_positions:
+        raise GPT2Error(f"the text is {len(ids)} tokens, more than the model's context of n_positions="
+                        f"{c.n_positions}; shorten it to at most {c.n_positions} tokens")
+    weights = model.trace(np.array(ids)).attentions[args.layer][0]
+    plot_attention(weights, tokenizer.pieces(ids), args.out, args.layer, args.head)
+    heads = f"head {args.head}" if args.head is not None else f"all {c.n_head} heads"
+    print(f"{args.out}: attention weights of layer {args.layer}, {heads}, over {len(ids)} tokens")
+
+
 _COMMANDS = {"generate": _cmd_generate, "tokenize": _cmd_tokenize, "info": _cmd_info, "convert": _cmd_convert,
-             "download": _cmd_download, "prepare": _cmd_prepare, "train": _cmd_train, "score": _cmd_score}
+             "download": _cmd_download, "prepare": _cmd_prepare, "train": _cmd_train, "score": _cmd_score,
+             "attention": _cmd_attention}
 
 
 def main(argv=None) -> int:
