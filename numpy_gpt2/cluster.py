@@ -70,7 +70,7 @@ def score_on_dask(paths, out_dir, address: str, model, options, progress: bool =
         done = len(partitions) - len(todo)
         with _client(distributed, address) as client:
             out_dir.mkdir(parents=True, exist_ok=True)
-            _register(client, model, options)
+            client.register_plugin(_model_plugin(os.path.abspath(model), options.dtype), name=_plugin_name(model, options))
             run = uuid.uuid4().hex[:8]
             futures = [client.submit(_score_on_worker, partition, out_dir, options, _plugin_name(model, options),
                                      key=f"numpy-gpt2-score-{partition.name}-{run}", retries=RETRIES)
@@ -130,17 +130,6 @@ def _client(distributed, address: str):
         yield client
 
 
-def _register(client, model, options) -> None:
-    """Register the model's worker plugin, which loads it in every worker; if a worker cannot,
-    unregister it (so that a run started again after the fix registers it afresh) and raise."""
-    name = _plugin_name(model, options)
-    try:
-        client.register_plugin(_model_plugin(os.path.abspath(model), options.dtype), name=name)
-    except GPT2Error:
-        client.unregister_worker_plugin(name)
-        raise
-
-
 def _plugin_name(model, options) -> str:
     """The worker plugin's name: one per model and dtype, so a worker of a long-lived cluster
     that has one already loaded keeps it for the next run (the plugin is idempotent)."""
@@ -167,8 +156,10 @@ def _model_plugin_class():
             await asyncio.get_running_loop().run_in_executor(None, self.loaded, worker)
 
         def loaded(self, worker):
-            """(model, tokenizer), loaded on the first call: in `setup`, or in the first task
-            of a worker whose setup failed (the task then raises the same clear error)."""
+            """(model, tokenizer), loaded on the first call: in `setup`, or, where that failed,
+            in a task. The plugin stays registered after a failed setup, so a run started again
+            once the model is in place loads it in its first task on each worker; while it is
+            not, the task returns the same clear error."""
             return _load_once(self, worker)
 
     return ModelPlugin
