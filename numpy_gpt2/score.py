@@ -24,6 +24,7 @@ is complete, and a run started again skips it.
 
 import dataclasses
 import glob
+import json
 import math
 import os
 import pathlib
@@ -88,7 +89,7 @@ def score_ids(model, ids, stride: int | None = DEFAULT_STRIDE, top_k: int = 0) -
 
 def score_text(model, tokenizer, text: str, stride: int | None = DEFAULT_STRIDE, top_k: int = 0) -> Score:
     """Score `text`: its tokens by `tokenizer`, then `score_ids`; n_bytes its UTF-8 length."""
-    ids, n_bytes = _encode(tokenizer, text)
+    ids, n_bytes = _text_ids(model, tokenizer, text)
     return dataclasses.replace(score_ids(model, ids, stride, top_k), n_bytes=n_bytes)
 
 
@@ -105,20 +106,25 @@ def score_texts(model, tokenizer, texts, stride: int | None = DEFAULT_STRIDE,
     if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(
             max_batch_tokens, (int, np.integer)) or max_batch_tokens < 1):
         raise GPT2Error(f"max_batch_tokens must be a positive integer or None, found {max_batch_tokens!r}")
-    encoded = [_encode(tokenizer, text) for text in texts]
-    scores = _score_all(model, [_check_text_ids(model, ids) for ids, _ in encoded], stride, 0, max_batch_tokens)
+    encoded = [_text_ids(model, tokenizer, text) for text in texts]
+    scores = _score_all(model, [ids for ids, _ in encoded], stride, 0, max_batch_tokens)
     return [dataclasses.replace(score, n_bytes=n_bytes) for score, (_, n_bytes) in zip(scores, encoded)]
 
 
-def _encode(tokenizer, text) -> tuple[list[int], int]:
-    """text -> its token ids and its UTF-8 bytes, or GPT2Error for what is not a text."""
+def _text_ids(model, tokenizer, text) -> tuple[np.ndarray, int]:
+    """text -> its token ids, int64 [N], and its UTF-8 bytes, or GPT2Error for what is not a
+    text or has a token outside the model's vocabulary."""
     if not isinstance(text, str):
         raise GPT2Error(f"text must be a str, found {type(text).__name__}")
     try:
         n_bytes = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise GPT2Error(f"text is not valid Unicode: {exc.reason} at character {exc.start}") from None
-    return tokenizer.encode(text), n_bytes
+    ids = np.array(tokenizer.encode(text), np.int64)
+    V = model.config.vocab_size
+    if len(ids) and ids.max() >= V:
+        raise GPT2Error(f"the text has token {ids.max()}, outside the model's vocabulary 0..{V - 1}")
+    return ids, n_bytes
 
 
 def _check_text_ids(model, ids) -> np.ndarray:
@@ -233,6 +239,39 @@ def _head_logprobs(model, rows, targets, k: int):
     return logprobs, (top_ids, top_logprobs)
 
 
+
+def report(score: Score, tokenizer, per_token: bool = False, as_json: bool = False) -> str:
+    """A `Score` as the command line prints it: tokens, NLL, perplexity and bits per byte; with
+    per_token a table of each scored token (its position in the text, id, piece, log-prob, and
+    the top k when scored with them); as_json the same as one JSON object (nan as null)."""
+    rows = []
+    if per_token:
+        pieces = tokenizer.pieces(score.ids)
+        for i, logprob in enumerate(score.logprobs):
+            row = {"position": i + 1, "id": int(score.ids[i + 1]), "piece": pieces[i + 1], "logprob": float(logprob)}
+            if score.top_ids is not None:
+                row["top"] = [{"id": int(t), "piece": p, "logprob": float(lp)} for t, p, lp in
+                              zip(score.top_ids[i], tokenizer.pieces(score.top_ids[i]), score.top_logprobs[i])]
+            rows.append(row)
+    totals = {"tokens": score.tokens, "nll": score.nll, "perplexity": score.perplexity,
+              "bits_per_byte": score.bits_per_byte, "bytes": score.n_bytes}
+    if as_json:
+        finite = {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in totals.items()}
+        return json.dumps({**finite, **({"per_token": rows} if per_token else {})}, ensure_ascii=False)
+    lines = []
+    if per_token:
+        lines.append(f"{'position':>8}  {'id':>6}  {'piece':<16}  {'log-prob':>9}" + ("  top" if score.top_ids is not None
+                                                                                      else ""))
+        for row in rows:
+            top = "  ".join(f"{t['piece']!r} {t['logprob']:.4f}" for t in row.get("top", []))
+            lines.append(f"{row['position']:>8}  {row['id']:>6}  {row['piece']!r:<16}  {row['logprob']:>9.4f}"
+                         + (f"  {top}" if top else ""))
+    lines += [f"tokens         {score.tokens} scored ({len(score.ids)} in the text, the first given)",
+              f"nll            {score.nll:.4f} nats",
+              f"perplexity     {score.perplexity:.4f}",
+              f"bits per byte  {score.bits_per_byte:.4f} ({score.n_bytes} bytes of UTF-8)"]
+    return "\n".join(lines)
+
 # ---- corpora: JSON Lines documents in partitions ----------------------------------------------
 
 ON_ERROR = ("skip", "fail")
@@ -329,7 +368,7 @@ def partition_output(partition: Partition, out_dir, options: ScoreOptions) -> pa
 
 
 def score_partition(model, tokenizer, partition: Partition, out_dir, options: ScoreOptions,
-                    progress=None) -> pathlib.Path:
+                    progress=None, bad_line=None) -> pathlib.Path:
     """Score the documents of `partition` and write their rows, in input order, to its output
     file (atomically; out_dir made if missing) -> the file. An output file that exists is
     complete, and is returned as it is.
@@ -340,7 +379,7 @@ def score_partition(model, tokenizer, partition: Partition, out_dir, options: Sc
     outside its vocabulary), gives error "FILE:LINE: what is wrong" and null numbers, or with
     options.on_error "fail" raises GPT2Error with that message. A text of 0 or 1 token scores
     no token: perplexity and bits_per_byte null. progress: called with the fraction of the
-    partition's tokens scored, after each batch.
+    partition's tokens scored, after each batch; bad_line: called with each error row's error.
     """
     out = partition_output(partition, out_dir, options)
     if out.exists():
@@ -351,13 +390,15 @@ def score_partition(model, tokenizer, partition: Partition, out_dir, options: Sc
         row["id"], text, row["error"] = _document(record, options)
         if row["error"] is None:
             try:
-                ids, n_bytes = _encode(tokenizer, text)
-                texts.append((_check_text_ids(model, ids), n_bytes))
+                texts.append(_text_ids(model, tokenizer, text))
                 scored_rows.append(row)
             except GPT2Error as exc:
                 row["error"] = f"{record.where}: {exc}"
-        if row["error"] is not None and options.on_error == "fail":
-            raise GPT2Error(row["error"])
+        if row["error"] is not None:
+            if options.on_error == "fail":
+                raise GPT2Error(row["error"])
+            if bad_line is not None:
+                bad_line(row["error"])
         rows.append(row)
     scores = _score_all(model, [ids for ids, _ in texts], options.stride, 0, None, progress)
     for row, score, (_, n_bytes) in zip(scored_rows, scores, texts):
@@ -391,11 +432,12 @@ def _json_kind(value) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
-def score_files(model, tokenizer, paths, out_dir, options: ScoreOptions, progress: bool = True) -> list[pathlib.Path]:
+def score_files(model, tokenizer, paths, out_dir, options: ScoreOptions, progress: bool = True,
+                bad_line=None) -> list[pathlib.Path]:
     """Score every document of the JSON Lines files `paths` (globs expanded) into out_dir, one
     file per partition (`score_partition`), in input order; partitions already complete are
     skipped, so an interrupted run continues where it stopped -> the output files, in order.
-    progress: a bar on stderr (`data.Progress`)."""
+    progress: a bar on stderr (`data.Progress`); bad_line: called with each bad line's error."""
     from .data import Progress
 
     partitions = plan_partitions(paths, options)
@@ -409,7 +451,7 @@ def score_files(model, tokenizer, paths, out_dir, options: ScoreOptions, progres
             def report(fraction, done=done, lines=lines):
                 bar.update(done + round(fraction * lines), f"scoring: {done + round(fraction * lines):,}/{total:,} lines")
 
-            outputs.append(score_partition(model, tokenizer, partition, out_dir, options, report))
+            outputs.append(score_partition(model, tokenizer, partition, out_dir, options, report, bad_line))
             done += lines
             report(0)
     finally:

@@ -298,7 +298,7 @@ BAD_LINES = [
     ('["a list"]', "not a JSON object (found an array)"),
     ('{"id": 3, "txt": "the"}', "no field 'text'"),
     ('{"id": 4, "text": 17}', "field 'text' is a number, expected a string"),
-    ('{"id": 5, "text": " the cat sat on the mat"}', "outside the vocabulary 0..999"),  # " cat" is token 3797
+    ('{"id": 5, "text": " the cat sat on the mat"}', "the text has token 3797, outside the model's vocabulary 0..999"),  # " cat"
 ]
 
 
