@@ -322,3 +322,25 @@ def test_a_local_cluster_listens_on_127_0_0_1_only():
         assert len(client.scheduler_info()["workers"]) == 2
     # The scheduler, its HTTP server, and each worker and its nanny: 2 + 2 x 2 ports at least.
     assert len(listening) >= 6 and {address.ip for address in listening} == {"127.0.0.1"}
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "numpy_gpt2", "score", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_the_command_line_on_a_local_cluster_writes_what_it_writes_alone(corpus, model, reference, tmp_path):
+    flags = ["--model", model, "--partition-size", PARTITION_SIZE, "--stride", 16, "--quiet"]
+    # A relative pattern: the workers are given it made absolute, so the rows name the files
+    # as the reference's do.
+    on_dask = _cli(f"{corpus.name}/*.jsonl", "--out", tmp_path / "dask", "--dask", "local:2", *flags, cwd=corpus.parent)
+    alone = _cli(corpus / "*.jsonl", "--out", tmp_path / "alone", "--threads", 1, *flags, cwd=tmp_path)
+    assert on_dask.returncode == 0 and alone.returncode == 0, on_dask.stderr + alone.stderr
+    assert _files(tmp_path / "dask") == _files(tmp_path / "alone") == _files(reference)
+
+
+def test_the_command_line_names_a_bad_address_in_one_line(corpus, model, tmp_path):
+    result = _cli(corpus / "*.jsonl", "--out", tmp_path, "--dask", "127.0.0.1:8786", "--model", model, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "tcp://HOST:PORT" in result.stderr and "Traceback" not in result.stderr
