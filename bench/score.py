@@ -119,46 +119,57 @@ SCORERS = {"numpy": NumpyScorer, "torch": TorchScorer}
 
 def run_all(docs, groups, scorers: dict) -> dict:
     """Each batch scored by each engine in turn, the first engine alternating; one warm-up batch
-    (the longest and the shortest) each first. -> per engine: seconds per batch, NLL per doc."""
+    (the longest and the shortest) each first. -> per engine: seconds per batch, NLL per doc;
+    and the dense products numpy-gpt2 made in the timed batches (for the bound)."""
     names = list(scorers)
     for name in names:
         for group in (groups[0], groups[-1]):
             scorers[name].score([docs[i] for i in group])
+    from numpy_gpt2 import kernels
+
     seconds = {name: [] for name in names}
     nll = {name: [None] * len(docs) for name in names}
-    for b, group in enumerate(groups):
-        for name in names[b % len(names):] + names[:b % len(names)]:
-            time.sleep(run.SETTLE_SECONDS)  # let the other engine's idle workers stop spinning
-            took, values = scorers[name].score([docs[i] for i in group])
-            seconds[name].append(took)
-            for i, value in zip(group, values):
-                nll[name][i] = value
-    return {"seconds": seconds, "nll": nll}
+    with kernels.recorded_products() as calls:  # a list append a product: nothing beside the products' time
+        for b, group in enumerate(groups):
+            for name in names[b % len(names):] + names[:b % len(names)]:
+                time.sleep(run.SETTLE_SECONDS)  # let the other engine's idle workers stop spinning
+                took, values = scorers[name].score([docs[i] for i in group])
+                seconds[name].append(took)
+                for i, value in zip(group, values):
+                    nll[name][i] = value
+    return {"seconds": seconds, "nll": nll, "products": calls}
 
 
-def products_bound(scorer, docs, groups, numpy_seconds: float, torch_seconds: float | None, repeats: int = 3) -> dict:
-    """numpy-gpt2's dense products while scoring all documents, each distinct shape timed alone
-    (bench/bound.py's `_products_alone`: the faster of numpy-gpt2's path and one NumPy matmul)
-    and counted as often as it was made: work no engine on this BLAS skips."""
+def products_bound(model, calls, numpy_seconds: float, torch_seconds: float | None, repeats: int = 3) -> dict:
+    """What the dense products numpy-gpt2 made while it was timed (`calls`: (M rows, weight_t)
+    from `kernels.recorded_products`) take alone: work no engine on this BLAS skips.
+
+    Timing each of them again (bench/bound.py's `_products_alone`: the faster of numpy-gpt2's
+    path and one NumPy matmul) would take several times the run; instead each weight shape's
+    FLOP rate is timed at that shape's most common row count and its products' FLOPs divided by
+    it (the rate barely moves over the row counts a batch gives, a few hundred and up).
+    """
     import numpy as np
 
     import bound
-    from numpy_gpt2 import kernels
 
-    model = scorer.model
-    with kernels.recorded_products() as calls:
-        for group in groups:
-            NumpyScorer.score(scorer, [docs[i] for i in group])
-    shapes = collections.Counter((M, id(weight_t)) for M, weight_t in calls)
-    weights = {id(weight_t): weight_t for _, weight_t in calls}
-    distinct = [(M, weights[key]) for M, key in shapes]
-    alone = bound._products_alone(distinct, model.dtype, repeats, np.random.default_rng(0))
-    head = sum(s * shapes[(M, id(w))] for (M, w), s in zip(distinct, alone) if np.may_share_memory(w, model.wte))
-    seconds = sum(s * shapes[(M, id(w))] for (M, w), s in zip(distinct, alone))
-    flops = sum(2 * M * w.size * shapes[(M, id(w))] for M, w in distinct)
-    result = {"dense_products": len(calls), "distinct_shapes": len(distinct), "dense_product_flops": flops,
-              "products_alone_seconds": seconds, "head_alone_seconds": head,
-              "products_alone_flops_per_s": flops / seconds, "numpy_seconds": numpy_seconds}
+    by_shape = collections.defaultdict(list)
+    for M, weight_t in calls:
+        by_shape[weight_t.shape].append((M, weight_t))
+    flops, seconds, head, parts = 0, 0.0, 0.0, []
+    for shape, made in by_shape.items():
+        M, weight_t = collections.Counter(made_M for made_M, _ in made).most_common(1)[0][0], made[0][1]
+        [alone] = bound._products_alone([(M, weight_t)], model.dtype, repeats, np.random.default_rng(0))
+        rate = 2 * M * weight_t.size / alone
+        shape_flops = sum(2 * m * weight_t.size for m, _ in made)
+        flops += shape_flops
+        seconds += shape_flops / rate
+        if np.may_share_memory(weight_t, model.wte):
+            head += shape_flops / rate
+        parts.append({"weight_shape": list(shape), "products": len(made), "timed_rows": M, "flops_per_s": rate})
+    result = {"dense_products": len(calls), "dense_product_flops": flops, "products_alone_seconds": seconds,
+              "head_alone_seconds": head, "products_alone_flops_per_s": flops / seconds, "numpy_seconds": numpy_seconds,
+              "by_weight_shape": parts}
     if torch_seconds is not None:
         result["torch_seconds"] = torch_seconds
         result["ratio_bound"] = torch_seconds / seconds
@@ -195,7 +206,7 @@ def markdown_table(results: dict) -> str:
     b = results.get("bound")
     if b:
         text = (f"- What bounds it, measured in this run: numpy-gpt2 takes {b['numpy_seconds']:.1f} s; its dense "
-                f"products alone ({b['dense_product_flops'] / 1e12:.1f} TFLOP, of which the head "
+                f"products alone ({b['dense_product_flops'] / 1e9:,.0f} GFLOP, of which the head "
                 f"{b['head_alone_seconds']:.1f} s) take {b['products_alone_seconds']:.1f} s "
                 f"({b['products_alone_flops_per_s'] / 1e9:.0f} GFLOP/s)")
         if "ratio_bound" in b:
@@ -228,9 +239,14 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=pathlib.Path, default=run.BENCH / "results",
                         help="where score-latest.json and score-latest.md go (default: bench/results)")
     parser.add_argument("--no-bound", action="store_true", help="leave out timing the products alone")
+    parser.add_argument("--documents", type=int, default=None,
+                        help=f"how many documents (default {FULL['documents']}, {QUICK['documents']} with --quick; "
+                             "a run of another number is not judged)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.documents is not None and args.documents < 1:
+        parser.error("--documents must be at least 1")
     return args
 
 
@@ -252,6 +268,8 @@ def _run(args) -> int:
     path, kind = run.find_model(args.model)
     config = load_checkpoint(path).config
     sizes = dict(QUICK if args.quick else FULL)
+    judged = not args.quick and args.documents in (None, sizes["documents"])
+    sizes["documents"] = args.documents or sizes["documents"]
     sizes["max_tokens"] = min(sizes["max_tokens"], config.n_positions)
     docs = documents(sizes["documents"], sizes["min_tokens"], sizes["max_tokens"], config.vocab_size)
     max_batch_tokens = config.n_positions  # numpy-gpt2's default (`score.score_many`)
@@ -267,7 +285,8 @@ def _run(args) -> int:
     results = {
         "stamp": started.strftime("%Y%m%dT%H%M%SZ"), "date": started.isoformat(timespec="seconds"),
         "command": [sys.executable, *sys.argv],
-        "settings": {"threads": args.threads, "quick": args.quick, "max_batch_tokens": max_batch_tokens},
+        "settings": {"threads": args.threads, "quick": args.quick, "judged": judged,
+                     "max_batch_tokens": max_batch_tokens},
         "model": {"path": str(path), "shown_path": run._shown_path(path), "kind": kind, "n_layer": config.n_layer,
                   "n_embd": config.n_embd},
         "documents": {"count": len(docs), "min_tokens": sizes["min_tokens"], "max_tokens": sizes["max_tokens"],
@@ -286,11 +305,11 @@ def _run(args) -> int:
         results["ratio_to_torch"] = e["numpy"]["tokens_per_s"] / e["torch"]["tokens_per_s"]
         worst = max(abs(a - b) / abs(b) for a, b in zip(e["numpy"]["nll"], e["torch"]["nll"]))
         results["nll_agreement"] = {"max_relative_difference": worst, "rtol": NLL_RTOL, "agree": worst <= NLL_RTOL}
-        if not args.quick:
+        if judged:
             results["status"] = run._status(results["ratio_to_torch"] >= TARGET and worst <= NLL_RTOL)
     if not args.no_bound and "numpy" in scorers:
         torch_seconds = results["engines"]["torch"]["seconds"] if "torch" in scorers else None
-        results["bound"] = products_bound(scorers["numpy"], docs, groups,
+        results["bound"] = products_bound(scorers["numpy"].model, measured["products"],
                                           results["engines"]["numpy"]["seconds"], torch_seconds)
     results["load_average"]["end"] = os.getloadavg()
     results["machine"] = run.machine_info(args.threads)  # after the runs: Numba's threading layer is known

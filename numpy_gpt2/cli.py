@@ -495,6 +495,8 @@ def _cmd_score(args):
         text = _score_input(args.inputs[0] if args.inputs else None)
         model, tokenizer = _model_and_tokenizer(args)
         _check_stride(args.stride, model.config.n_positions)
+        if args.top_k and args.top_k > model.config.vocab_size:
+            raise GPT2Error(f"--top-k {args.top_k} exceeds the model's vocabulary of {model.config.vocab_size}")
         result = score.score_text(model, tokenizer, text, stride=args.stride, top_k=args.top_k or 0)
         print(score.report(result, tokenizer, per_token=args.per_token or bool(args.top_k), as_json=args.json))
         if args.plot:

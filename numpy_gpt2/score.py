@@ -459,8 +459,8 @@ def score_files(model, tokenizer, paths, out_dir, options: ScoreOptions, progres
                 bar.update(done + round(fraction * lines), f"scoring: {done + round(fraction * lines):,}/{total:,} lines")
 
             outputs.append(score_partition(model, tokenizer, partition, out_dir, options, report, bad_line))
+            report(1)
             done += lines
-            report(0)
     finally:
         bar.close()
     return outputs

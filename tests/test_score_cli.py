@@ -124,6 +124,7 @@ def test_parquet_output_read_back(tiny_ref, env, corpus, tmp_path):
     (("x.jsonl", "--out", "o", "--per-token"), "--per-token is for one text; with --out each document gets one row"),
     (("x.jsonl", "--out", "o", "--plot", "p.png"), "--plot is for one text; with --out each document gets one row"),
     ((" the", "--stride", 40), "--stride 40 must be less than the model's context, n_positions=40"),
+    ((" the", "--top-k", 1001), "--top-k 1001 exceeds the model's vocabulary of 1000"),
     (("--out", "o"), "--out DIR needs the JSON Lines files to score"),
     (("nothing/*.jsonl", "--out", "o"), "no file matches 'nothing/*.jsonl'"),
     ((" the cat",), "the text has token 3797, outside the model's vocabulary 0..999"),
