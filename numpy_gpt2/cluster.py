@@ -70,19 +70,27 @@ def score_on_dask(paths, out_dir, address: str, model, options, progress: bool =
         done = len(partitions) - len(todo)
         with _client(distributed, address) as client:
             out_dir.mkdir(parents=True, exist_ok=True)
-            client.register_plugin(_model_plugin(os.path.abspath(model), options.dtype), name=_plugin_name(model, options))
+            model = os.path.abspath(model)
+            # One plugin per model and dtype: a worker of a long-lived cluster that has loaded
+            # them keeps them for the next run (the plugin is idempotent).
+            plugin = f"{_PLUGIN}:{options.dtype}:{model}"
+            client.register_plugin(_model_plugin(model, options.dtype), name=plugin)
             run = uuid.uuid4().hex[:8]
-            futures = [client.submit(_score_on_worker, partition, out_dir, options, _plugin_name(model, options),
-                                     key=f"numpy-gpt2-score-{partition.name}-{run}", retries=RETRIES)
-                       for partition in todo]
+            futures = {client.submit(_score_on_worker, partition, out_dir, options, plugin,
+                                     key=f"numpy-gpt2-score-{partition.name}-{run}", retries=RETRIES): partition
+                       for partition in todo}
             try:
                 for future in distributed.as_completed(futures):
-                    if isinstance(result := future.result(), GPT2Error):
+                    try:
+                        result = future.result()
+                    except distributed.KilledWorker as error:
+                        raise GPT2Error(_killed_message(futures[future], error.allowed_failures + 1)) from None
+                    if isinstance(result, GPT2Error):
                         raise result
                     done += 1
                     bar.update(done, f"scoring on {address}: {done}/{len(partitions)} partitions")
             finally:
-                client.cancel(futures)
+                client.cancel(list(futures))
                 bar.close()
     _remove_leftovers(outputs)
     return outputs
@@ -130,10 +138,10 @@ def _client(distributed, address: str):
         yield client
 
 
-def _plugin_name(model, options) -> str:
-    """The worker plugin's name: one per model and dtype, so a worker of a long-lived cluster
-    that has one already loaded keeps it for the next run (the plugin is idempotent)."""
-    return f"{_PLUGIN}:{options.dtype}:{os.path.abspath(model)}"
+def _killed_message(partition, deaths: int) -> str:
+    return (f"{partition.path} lines {partition.start_line}-{partition.stop_line - 1} ({partition.name}): the "
+            f"Dask workers running them died {deaths} time{'s' * (deaths != 1)} (out of memory?); the partitions "
+            "finished are kept, and a run started again goes on from there")
 
 
 @functools.lru_cache(maxsize=1)

@@ -18,6 +18,7 @@ import logging
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import socket
@@ -344,3 +345,41 @@ def test_the_command_line_names_a_bad_address_in_one_line(corpus, model, tmp_pat
     result = _cli(corpus / "*.jsonl", "--out", tmp_path, "--dask", "127.0.0.1:8786", "--model", model, cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "tcp://HOST:PORT" in result.stderr and "Traceback" not in result.stderr
+
+
+class _DieOn(distributed.WorkerPlugin):
+    """In every worker, now and later: the process exits when it is given the partition `name`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def setup(self, worker):
+        _wrap_score_partition(self._die_on)
+
+    def teardown(self, worker):
+        _restore_score_partition()
+
+    def _die_on(self, original):
+        def score_partition(model, tokenizer, partition, *args, **kwargs):
+            if partition.name == self.name:
+                os._exit(1)
+            return original(model, tokenizer, partition, *args, **kwargs)
+        return score_partition
+
+
+def test_a_partition_that_kills_its_workers_fails_the_run_clearly(client, corpus, model, reference, tmp_path):
+    scheduler = client.cluster.scheduler
+    fatal = plan_partitions([str(corpus / "*.jsonl")], _options())[5]
+    allowed, scheduler.allowed_failures = scheduler.allowed_failures, 1
+    client.register_plugin(_DieOn(fatal.name), name="die-on")
+    try:
+        with pytest.raises(GPT2Error, match=re.escape(f"{fatal.path} lines {fatal.start_line}-{fatal.stop_line - 1} "
+                                                      f"({fatal.name}): the Dask workers running them died 2 times")):
+            _score(client, corpus, model, tmp_path / "out")
+    finally:
+        client.unregister_worker_plugin("die-on")
+        scheduler.allowed_failures = allowed
+        client.wait_for_workers(2, timeout=60)
+    assert not partition_output(fatal, tmp_path / "out", _options()).exists()
+    _score(client, corpus, model, tmp_path / "out")
+    assert _files(tmp_path / "out") == _files(reference)
