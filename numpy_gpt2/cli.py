@@ -489,9 +489,11 @@ def _cmd_score(args):
         if len(args.inputs) > 1:
             raise GPT2Error("give one text (a FILE, - or the text itself), or JSON Lines files with --out DIR")
         if args.plot:
-            from .plots import check_png_path
+            from .plots import check_png_path, require_matplotlib
 
-            check_png_path(args.plot, "--plot")  # before the scoring, in the flag's name
+            # Before the scoring, in the flag's name.
+            check_png_path(args.plot, "--plot")
+            require_matplotlib("--plot")
         text = _score_input(args.inputs[0] if args.inputs else None)
         model, tokenizer = _model_and_tokenizer(args)
         _check_stride(args.stride, model.config.n_positions)
@@ -547,9 +549,10 @@ def _check_stride(stride, n_positions):
 
 
 def _cmd_attention(args):
-    from .plots import check_png_path, plot_attention
+    from .plots import check_png_path, plot_attention, require_matplotlib
 
     check_png_path(args.out, "--out")
+    require_matplotlib("numpy-gpt2 attention")
     text = _read_text(args.text, "text")
     if not text:
         raise GPT2Error("the text is empty")

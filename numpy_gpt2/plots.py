@@ -27,16 +27,24 @@ _MARGIN_INCHES = 1.5  # the axis label and tick values beside the bars
 _CELL_INCHES = 0.22   # one heat map cell, one head alone; less in a grid of heads
 
 
+def require_matplotlib(what: str) -> None:
+    """GPT2Error "{what} needs matplotlib: pip install matplotlib" when it is not installed, so
+    that a caller can refuse before the work whose result it would draw."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise GPT2Error(f"{what} needs matplotlib: pip install matplotlib") from None
+
+
 def new_figure(width: float, height: float, what: str):
     """A matplotlib Figure of width x height inches with an Agg canvas of its own.
 
     what: the caller named in the GPT2Error raised when matplotlib is not installed.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise GPT2Error(f"{what} needs matplotlib: pip install matplotlib") from None
+    require_matplotlib(what)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure

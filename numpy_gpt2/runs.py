@@ -103,10 +103,10 @@ def plotter(plot):
     if plot is False:
         return lambda path, history: None
     try:
-        import matplotlib  # noqa: F401  (only whether it is installed)
-    except ImportError:
+        plots.require_matplotlib("plot=True")
+    except GPT2Error:
         if plot:
-            raise GPT2Error("plot=True needs matplotlib: pip install matplotlib") from None
+            raise
         print("numpy-gpt2: matplotlib is not installed, so no loss.png (pip install matplotlib)",
               file=sys.stderr)
         return lambda path, history: None

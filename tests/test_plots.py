@@ -379,3 +379,20 @@ def test_score_plot_errors_are_one_line(tiny_ref, env, tmp_path, text, out, patt
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert re.search(pattern.format(tmp=re.escape(str(tmp_path))), result.stderr.strip()), result.stderr
     assert os.listdir(tmp_path) == []
+
+
+HIDE_MATPLOTLIB = ("import sys; sys.modules['matplotlib'] = None; "  # `import matplotlib` now raises ImportError
+                   "from numpy_gpt2.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["attention", TEXT, "--layer", "0", "--out", "{tmp}/a.png"], "numpy-gpt2 attention needs matplotlib"),
+    (["score", TEXT, "--plot", "{tmp}/a.png"], "--plot needs matplotlib"),
+])
+def test_without_matplotlib_the_commands_refuse_before_the_work(tiny_ref, env, tmp_path, args, message):
+    """Nothing scored or printed, one line saying what to install, no file."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = _run(env, *args, "--model", tiny_ref.hub_dir, command=(sys.executable, "-c", HIDE_MATPLOTLIB))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"numpy-gpt2: error: {message}: pip install matplotlib\n"
+    assert os.listdir(tmp_path) == []
