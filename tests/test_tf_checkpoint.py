@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import TF_TINY, tolerance
 from numpy_gpt2 import cli
 from numpy_gpt2.errors import CheckpointError, ModelNotFoundError
 from numpy_gpt2.weights import load_checkpoint
@@ -131,10 +132,9 @@ def test_logits_match_transformers(fixture_dir):
     with torch.no_grad():
         logits = model(torch.from_numpy(expected["input_ids"])).logits.numpy()
 
-    # float32 through two tiny blocks: differences are rounding, far below 1e-4 relative.
+    # float32 through two tiny blocks: differences are rounding (see conftest.tolerance).
     for got, want in ((logits[:, :, :512], expected["logits_head"]), (logits[:, -1, :], expected["logits_last"])):
-        tolerance = 1e-4 * max(1.0, float(np.abs(want).max()))
-        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want, "float32", TF_TINY))
 
 
 def test_raw_bundle_names_and_conv1d_squeeze(fixture_dir):
