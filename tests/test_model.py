@@ -181,6 +181,39 @@ def test_left_padding_with_mask_matches_transformers(tiny_ref):
     np.testing.assert_allclose(logits[1, 4:], alone[0], atol=tol)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_prompt_over_several_attention_blocks_matches_transformers(long_ref, dtype):
+    """A prompt of 190 positions takes the attention's queries in three blocks of 64 (the last
+    partial): row 0 unpadded, row 1 with 70 positions of left padding (a whole block of them, its
+    first token in the second block), row 2 with 5. Then the same prompt in two pieces over a
+    cache (the second piece's blocks start at position 47, not at a block boundary), and two
+    decoding steps over 190 keys. transformers, given the same mask and position ids, is the
+    reference; at padded positions its values are arbitrary, so those are left out, and each
+    padded row must also equal its real tokens run alone."""
+    model = GPT2.from_pretrained(long_ref.hub_dir, dtype=dtype)
+    ids = _ids(long_ref.config["vocab_size"], (3, 192), seed=11)
+    mask = np.ones_like(ids)
+    mask[1, :70] = 0
+    mask[2, :5] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    expected = long_ref.logits(ids, dtype, attention_mask=mask, position_ids=positions)
+    tol = tolerance(expected, dtype, long_ref.config)
+    real = mask.astype(bool)
+
+    whole = model(ids[:, :190], attention_mask=mask[:, :190])
+    np.testing.assert_allclose(whole[real[:, :190]], expected[:, :190][real[:, :190]], rtol=0, atol=tol)
+    for row, pad in ((1, 70), (2, 5)):
+        alone = model(ids[row:row + 1, pad:190])
+        np.testing.assert_allclose(whole[row, pad:], alone[0], rtol=0, atol=tol)
+
+    cache = model.new_cache(3)
+    pieces = [model(ids[:, :47], attention_mask=mask[:, :47], cache=cache),
+              model(ids[:, 47:190], attention_mask=mask[:, :190], cache=cache)]
+    pieces += [model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache) for t in (190, 191)]
+    cached = np.concatenate(pieces, axis=1)
+    np.testing.assert_allclose(cached[real], expected[real], rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("bad, match", [
     (np.array([[1, 1000]]), "outside the vocabulary 0..999"),
     (np.array([[-1, 3]]), "outside the vocabulary"),
