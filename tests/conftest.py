@@ -6,17 +6,22 @@ left at its initialisation, so that biases and layernorm gains matter), saved tw
 the official openai-community/gpt2 `model.safetensors` (no prefix, `h.{i}.attn.bias` mask
 buffers). The torch model itself is the reference the tests compare against.
 
-`tolerance` is the agreement every end-to-end comparison of a model's outputs demands.
+Also built once: the tokenizer references (tiktoken's own gpt2 encoding and transformers'
+GPT2Tokenizer, from ../shared/data/gpt2-bpe), and `tolerance`, the agreement every end-to-end
+comparison of a model's outputs demands.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
+import tiktoken.registry
 
 from safetensors.numpy import save_file
 
@@ -152,6 +157,51 @@ def shared_file(*parts) -> pathlib.Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the project's ../shared folder)")
     return path
+
+
+# Where ../shared keeps GPT-2's BPE files (encoder.json, vocab.bpe).
+GPT2_BPE = ("data", "gpt2-bpe")
+# The URLs tiktoken_ext/openai_public.py's gpt2() reads; tiktoken caches each file under sha1(url).
+TIKTOKEN_GPT2_FILES = {
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe": "vocab.bpe",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json": "encoder.json",
+}
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(tmp_path_factory):
+    """tiktoken's own gpt2 Encoding, built by tiktoken from a cache seeded with ../shared/data/gpt2-bpe."""
+    sources = {url: shared_file(*GPT2_BPE, name) for url, name in TIKTOKEN_GPT2_FILES.items()}
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    for url, source in sources.items():
+        shutil.copyfile(source, cache / hashlib.sha1(url.encode()).hexdigest())
+    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    # Drop any gpt2 Encoding built earlier in this process, so this one comes from the cache.
+    tiktoken.registry.ENCODINGS.pop("gpt2", None)
+    try:
+        encoding = tiktoken.get_encoding("gpt2")
+    finally:
+        if previous is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = previous
+    yield encoding
+    tiktoken.registry.ENCODINGS.pop("gpt2", None)
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2_tokenizer(tmp_path_factory):
+    """Hugging Face's GPT2Tokenizer from ../shared/data/gpt2-bpe saved as vocab.json + merges.txt."""
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("hf-gpt2-tokenizer")
+    shutil.copyfile(shared_file(*GPT2_BPE, "encoder.json"), directory / "vocab.json")
+    shutil.copyfile(shared_file(*GPT2_BPE, "vocab.bpe"), directory / "merges.txt")
+    tokenizer = transformers.GPT2Tokenizer.from_pretrained(directory)
+    # transformers 5 silently builds an empty vocabulary from unknown arguments; make sure
+    # this reference really holds GPT-2's.
+    assert len(tokenizer) == 50257
+    return tokenizer
 
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # u = 2**-23, one float32 rounding of a value near 1
