@@ -132,6 +132,34 @@ def test_train_quick_run_writes_results(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-latest.json", "train-latest.md"]
 
 
+def test_score_quick_run_writes_results(tiny_ref, tmp_path):
+    # Reference: transformers' GPT2LMHeadModel on the same documents, its per-document loss (as
+    # `labels` computes it) must be numpy-gpt2's NLL (float32, 1e-4 relative), or the two
+    # engines were not timed on the same work; the batches are the ones numpy-gpt2 forms.
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, str(BENCH / "score.py"), "--quick", "--model", str(tiny_ref.hub_dir),
+                           "--out", str(tmp_path), "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    latest = json.loads((tmp_path / "score-latest.json").read_text())
+    assert set(latest["engines"]) == {"numpy", "torch"}
+    docs = latest["documents"]
+    assert docs["count"] == len(docs["lengths"]) == sum(docs["batch_sizes"]) == 8
+    assert all(5 <= n <= 40 for n in docs["lengths"])  # within the tiny model's context
+    for engine in ("numpy", "torch"):
+        entry = latest["engines"][engine]
+        assert len(entry["batch_seconds"]) == docs["batches"] and entry["tokens_per_s"] > 0
+        assert len(entry["nll"]) == 8
+    agreement = latest["nll_agreement"]
+    assert agreement["agree"] and agreement["max_relative_difference"] <= 1e-4, agreement
+    assert "status" not in latest  # a quick run is not judged
+    assert latest["bound"]["ratio_bound"] > 0 and latest["bound"]["dense_products"] > 0
+    table = (tmp_path / "score-latest.md").read_text()
+    assert "| row | numpy-gpt2 | torch | ratio | target | PASS/MISS |" in table
+    assert "What bounds" in table and "the same work" in table
+    assert table.strip() in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["score-latest.json", "score-latest.md"]
+
+
 @pytest.fixture(scope="module")
 def bound():
     """bench/bound.py as a module, with bench/ importable for its `measure` import."""

@@ -242,6 +242,29 @@ def test_convert_into_an_unrelated_directory_is_refused(tiny_ref, env, tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def _file_size_limit(limit):
+    """A preexec_fn: writes past `limit` bytes fail with EFBIG, a real write error from the
+    kernel (SIGXFSZ ignored, so the write returns the error instead of killing the process)."""
+    def limit_writes():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_writes
+
+
+def test_write_error_names_the_destination_not_a_temporary_file(tiny_ref, env, tmp_path):
+    """The model file fails part-way (the tiny model is ~1.5 MB, writes stop at 64 KiB): the one
+    line names DST/model.safetensors, and no temporary file is left beside it."""
+    dst = tmp_path / "out"
+    result = _run(env, "convert", tiny_ref.hub_dir, dst, preexec_fn=_file_size_limit(64 * 1024))
+    assert result.returncode == 1
+    assert result.stderr == (f"numpy-gpt2: error: [Errno 27] cannot write {dst / 'model.safetensors'}: "
+                             "File too large\n")
+    assert not [p.name for p in dst.iterdir() if p.name.endswith(".tmp")]
+
+
 @pytest.mark.parametrize("flags", [("--seed", "-1"), ("--stop", "")])
 def test_bad_flag_value_is_a_usage_error(flags, env):
     result = _run(env, "generate", PROMPT, *flags)
@@ -322,10 +345,19 @@ def _run_on_a_terminal(env, *args):
 
 
 def test_first_run_says_it_compiles(tiny_ref, env, tmp_path):
-    """With an empty Numba cache the first run says why it is slow, once; the next run does not."""
+    """With an empty Numba cache the first run says why it is slow, once; the next run does not.
+
+    And it compiles only what it runs: a five-token prompt goes through the decoding step's
+    block (`kernels.decode_block`), so none of the prompt path's loops (`attention`, `products`)
+    is compiled, and of the two GELU loops only float32's."""
     env = {**env, "NUMBA_CACHE_DIR": str(tmp_path)}
     args = ("generate", PROMPT, "--model", tiny_ref.hub_dir, "--max-new-tokens", 2, "--greedy")
     assert _run_on_a_terminal(env, *args) == (0, "numpy-gpt2: compiling kernels, first run only\r\n")
+    # Numba names each cached function's index file MODULE.FUNCTION-LINE.pyXY.nbi.
+    compiled = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
+    assert "decode._decode_block" in compiled
+    assert not {name for name in compiled if name.startswith(("attention.", "products."))}, compiled
+    assert "elementwise.bias_gelu_rows" not in compiled, compiled
     assert _run_on_a_terminal(env, *args) == (0, "")
 
 

@@ -165,20 +165,22 @@ def test_bad_logits_to_keep_is_a_clear_error(tiny_ref, bad):
         model(_ids(1000, (1, 4)), logits_to_keep=bad)
 
 
-def test_left_padding_with_mask_matches_transformers(tiny_ref):
-    """Padded rows: transformers given the same mask and position ids is the reference."""
+@pytest.mark.parametrize("T, pad", [(9, 4), (4, 2)], ids=["prompt path", "decode_block (8 rows)"])
+def test_left_padding_with_mask_matches_transformers(tiny_ref, T, pad):
+    """Padded rows: transformers given the same mask and position ids is the reference. Two rows
+    of 4 positions are at most kernels.FEW_ROWS rows, so they go through the decoding step's block."""
     model = GPT2.from_pretrained(tiny_ref.hub_dir)
-    ids = _ids(1000, (2, 9), seed=5)
-    mask = np.ones((2, 9), dtype=np.int64)
-    mask[1, :4] = 0
+    ids = _ids(1000, (2, T), seed=5)
+    mask = np.ones((2, T), dtype=np.int64)
+    mask[1, :pad] = 0
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     expected = tiny_ref.logits(ids, attention_mask=mask, position_ids=positions)
     logits = model(ids, attention_mask=mask)
     tol = tolerance(expected, "float32", tiny_ref.config)
     np.testing.assert_allclose(logits[0], expected[0], atol=tol)
-    np.testing.assert_allclose(logits[1, 4:], expected[1, 4:], atol=tol)
-    alone = model(ids[1:, 4:])
-    np.testing.assert_allclose(logits[1, 4:], alone[0], atol=tol)
+    np.testing.assert_allclose(logits[1, pad:], expected[1, pad:], atol=tol)
+    alone = model(ids[1:, pad:])
+    np.testing.assert_allclose(logits[1, pad:], alone[0], atol=tol)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

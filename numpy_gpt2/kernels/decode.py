@@ -21,7 +21,7 @@ import numba
 import numpy as np
 
 from .common import FAST, PARALLEL, start_numba_threads, transposed_contiguous
-from .elementwise import add_with_bias_, bias_gelu_rows, bias_gelu_rows_float32, layer_norm_rows
+from .elementwise import add_with_bias_, bias_gelu_rows_of_dtype, layer_norm_rows
 
 
 @numba.njit(**PARALLEL)
@@ -120,51 +120,51 @@ def attend_over_cache_parallel(q, k, v, key_mask, start, scale, out):
 @numba.njit(**FAST)
 def _decode_block(x, ln_1_gamma, ln_1_beta, c_attn_t, c_attn_bias, attn_proj_t, attn_proj_bias,
                   ln_2_gamma, ln_2_beta, c_fc_t, c_fc_bias, mlp_proj_t, mlp_proj_bias,
-                  k, v, key_mask, start, scale, eps, float32):
-    """One block for one new position per row, x: [B, C] updated in place; k, v: [B, H, S, D]
-    (the layer's cache, position `start` written here); each matrix as its weight_t [out, in];
-    `float32` says which GELU loop (see `elementwise.bias_gelu`).
+                  k, v, key_mask, start, scale, eps):
+    """One block for T new positions of each of B rows, B * T a few (see FEW_ROWS): x: [B, T, C]
+    updated in place; k, v: [B, H, S, D] (the layer's cache, positions start..start+T-1 written
+    here); each matrix as its weight_t [out, in].
 
     The same maths as `ops.block`, line by line in the comments, through the same loops as a
     prompt's, in one call.
     """
-    B, C = x.shape
+    B, T, C = x.shape
     H, D = k.shape[1], k.shape[3]
-    h = np.empty_like(x)
-    layer_norm_rows(x, ln_1_gamma, ln_1_beta, eps, h)                         # h = ln_1(x)
-    qkv = np.empty((B, 3 * C), dtype=x.dtype)
+    rows = x.reshape(B * T, C)                                                 # a view of x
+    h = np.empty_like(rows)
+    layer_norm_rows(rows, ln_1_gamma, ln_1_beta, eps, h)                       # h = ln_1(x)
+    qkv = np.empty((B * T, 3 * C), dtype=x.dtype)
     few_rows_matmul(h, c_attn_t, qkv)                                          # h @ c_attn.weight
-    q = np.empty((B, 1, H, D), dtype=x.dtype)
-    for b in range(B):                                                         # + c_attn.bias, split
+    q = np.empty((B, T, H, D), dtype=x.dtype)
+    for r in range(B * T):                                                     # + c_attn.bias, split
+        b, t = r // T, r % T
         for i in range(H * D):
-            q[b, 0, i // D, i % D] = qkv[b, i] + c_attn_bias[i]
-            k[b, i // D, start, i % D] = qkv[b, C + i] + c_attn_bias[C + i]
-            v[b, i // D, start, i % D] = qkv[b, 2 * C + i] + c_attn_bias[2 * C + i]
-    heads = np.empty((B, 1, H, D), dtype=x.dtype)
+            q[b, t, i // D, i % D] = qkv[r, i] + c_attn_bias[i]
+            k[b, i // D, start + t, i % D] = qkv[r, C + i] + c_attn_bias[C + i]
+            v[b, i // D, start + t, i % D] = qkv[r, 2 * C + i] + c_attn_bias[2 * C + i]
+    heads = np.empty((B, T, H, D), dtype=x.dtype)
     attend_over_cache_parallel(q, k, v, key_mask, start, scale, heads)
-    projected = np.empty_like(x)
-    few_rows_matmul(heads.reshape(B, C), attn_proj_t, projected)
-    add_with_bias_(x, projected, attn_proj_bias)                               # x = x + attention(ln_1(x))
-    layer_norm_rows(x, ln_2_gamma, ln_2_beta, eps, h)                         # h = ln_2(x)
+    projected = np.empty_like(rows)
+    few_rows_matmul(heads.reshape(B * T, C), attn_proj_t, projected)
+    add_with_bias_(rows, projected, attn_proj_bias)                            # x = x + attention(ln_1(x))
+    layer_norm_rows(rows, ln_2_gamma, ln_2_beta, eps, h)                       # h = ln_2(x)
     F = c_fc_t.shape[0]
-    widened = np.empty((B, F), dtype=x.dtype)
+    widened = np.empty((B * T, F), dtype=x.dtype)
     few_rows_matmul(h, c_fc_t, widened)
     activated = np.empty_like(widened)
-    if float32:
-        bias_gelu_rows_float32(widened, c_fc_bias, activated, 0, F)
-    else:
-        bias_gelu_rows(widened, c_fc_bias, activated, 0, F)
+    bias_gelu_rows_of_dtype(widened, c_fc_bias, activated, 0, F)
     few_rows_matmul(activated, mlp_proj_t, projected)
-    add_with_bias_(x, projected, mlp_proj_bias)                                # x = x + mlp(ln_2(x))
+    add_with_bias_(rows, projected, mlp_proj_bias)                             # x = x + mlp(ln_2(x))
 
 
 def decode_block(x, block, k, v, key_mask, start, scale, eps):
-    """x: [B, C], B <= FEW_ROWS rows of one new position each, updated in place by the block
-    `block` (a `model.Block`), its keys and values written to k, v: [B, H, S, D] at `start`;
-    key_mask: [B, S] (see `attention.causal_attention`).
+    """x: [B, T, C], B * T <= FEW_ROWS (a decoding step, or a short prompt), updated in place by
+    the block `block` (a `model.Block`), its keys and values written to k, v: [B, H, S, D] at
+    start..start+T-1; key_mask: [B, S] (see `attention.causal_attention`).
 
-    Twin of `ops.block` for a decoding step, in one Numba call with no Python between the
-    steps of the block. tests/test_model.py holds the decoding steps it makes to transformers'
+    Twin of `ops.block` for a decoding step or a short prompt, in one Numba call with no Python
+    between the steps of the block. A short prompt taking this path, not the prompt's, also
+    means a first run compiles only these loops for it. tests/test_model.py holds the decoding steps it makes to transformers'
     logits (`conftest.tolerance`: 1e-4 of the largest logit in float32, 1e-9 in float64).
     """
     start_numba_threads()
@@ -173,4 +173,4 @@ def decode_block(x, block, k, v, key_mask, start, scale, eps):
                   attn.c_attn.bias, transposed_contiguous(attn.c_proj.weight), attn.c_proj.bias,
                   block.ln_2.weight, block.ln_2.bias, transposed_contiguous(mlp.c_fc.weight), mlp.c_fc.bias,
                   transposed_contiguous(mlp.c_proj.weight), mlp.c_proj.bias,
-                  k, v, key_mask, start, x.dtype.type(scale), float(eps), x.dtype == np.float32)
+                  k, v, key_mask, start, x.dtype.type(scale), float(eps))

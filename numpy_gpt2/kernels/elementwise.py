@@ -8,6 +8,8 @@ import math
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from .common import FAST, JIT, THIN_ROWS
 from .float32math import tanh_float32
@@ -90,6 +92,20 @@ def bias_gelu_rows_float32(x, bias, out, c0, c1):
         for m in range(c1 - c0):
             y = x_n[m] + b[m]
             out_n[m] = half * y * (1 + tanh_float32(c * (y + a * y * y * y)))
+
+
+def bias_gelu_rows_of_dtype(x, bias, out, c0, c1):
+    """`bias_gelu_rows_float32` for float32 x, `bias_gelu_rows` otherwise, chosen when a jitted
+    caller is compiled (see the overload): the caller's build holds only its dtype's loop, so a
+    first run compiles one of the two."""
+    bias_gelu(x, bias, out, c0, c1)
+
+
+@overload(bias_gelu_rows_of_dtype, jit_options=JIT)
+def _bias_gelu_rows_for(x, bias, out, c0, c1):
+    if x.dtype == types.float32:
+        return lambda x, bias, out, c0, c1: bias_gelu_rows_float32(x, bias, out, c0, c1)
+    return lambda x, bias, out, c0, c1: bias_gelu_rows(x, bias, out, c0, c1)
 
 
 def bias_gelu(x, bias, out, c0, c1):
