@@ -47,14 +47,15 @@ def test_naive_logits_match_transformers(tiny_ref, naive_model, ids):
     expected = tiny_ref.logits(ids[None])[0]
     got = naive_model.logits(ids)
     assert got.dtype == np.float32  # the float64 slip picoGPT is known for would show here
-    np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance(expected, "float32"))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance(expected, "float32", tiny_ref.config))
 
 
 def test_naive_logits_match_numpy_gpt2(tiny_ref, naive_model, ids):
     expected = GPT2.from_pretrained(tiny_ref.hub_dir)(ids)[0]
-    np.testing.assert_allclose(naive_model.logits(ids), expected, rtol=0, atol=tolerance(expected, "float32"))
+    np.testing.assert_allclose(naive_model.logits(ids), expected, rtol=0,
+                               atol=tolerance(expected, "float32", tiny_ref.config))
     np.testing.assert_allclose(naive_model.logits(ids, logits_to_keep=1), expected[-1:], rtol=0,
-                               atol=tolerance(expected, "float32"))
+                               atol=tolerance(expected, "float32", tiny_ref.config))
 
 
 def test_naive_greedy_generation_matches_transformers(tiny_ref, naive_model, ids):

@@ -1,7 +1,8 @@
 """Tests of the TensorFlow checkpoint reader against a checkpoint written by real TensorFlow.
 
 References trusted here: the fixture itself (written by TF 2.21 `tf.compat.v1.train.Saver`),
-Hugging Face transformers' `GPT2LMHeadModel` forward pass, whose logits the fixture stores,
+Hugging Face transformers' `GPT2LMHeadModel` forward pass, whose logits the fixture stores
+(checked against both transformers and the engine loading the directory),
 a bit-by-bit CRC-32C written from the polynomial and checked against its published check
 value, used to craft corrupt index files that still pass the block checksums, and the crc32c of
 each tensor that TensorFlow stored in the index, which a flipped data byte must contradict.
@@ -15,8 +16,9 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import TF_TINY, shared_file, tolerance
 from fuzz_files import block_handles, crc32c_reference as _crc32c_reference, gpt2_shapes, masked as _masked
-from numpy_gpt2 import cli
+from numpy_gpt2 import GPT2, cli
 from numpy_gpt2.errors import CheckpointError, ModelNotFoundError
 from numpy_gpt2.weights import load_checkpoint
 from numpy_gpt2.weights.crc32c import crc32c
@@ -107,10 +109,24 @@ def test_logits_match_transformers(fixture_dir):
     with torch.no_grad():
         logits = model(torch.from_numpy(expected["input_ids"])).logits.numpy()
 
-    # float32 through two tiny blocks: differences are rounding, far below 1e-4 relative.
+    # float32 through two tiny blocks: differences are rounding (see conftest.tolerance).
     for got, want in ((logits[:, :, :512], expected["logits_head"]), (logits[:, -1, :], expected["logits_last"])):
-        tolerance = 1e-4 * max(1.0, float(np.abs(want).max()))
-        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want, "float32", TF_TINY))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_engine_logits_match_the_fixture(fixture_dir, dtype):
+    """GPT2.from_pretrained on the checkpoint directory, against the logits the fixture stores
+    (transformers in float32). The bound, conftest.tolerance for the fixture's shape, is
+    8 u x max(1, max |logit|) = 9.5e-7; measured: 2.2e-7 in float32 (both sides round) and
+    1.8e-7 in float64 (the fixture's own float32 rounding)."""
+    expected = np.load(shared_file("fixtures", "openai-tf-tiny", "expected_logits.npz"))
+    model = GPT2.from_pretrained(fixture_dir, dtype=dtype)
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_positions) == (L, C, P)
+    logits = model(expected["input_ids"])
+    assert logits.dtype == np.dtype(dtype)
+    for got, want in ((logits[:, :, :512], expected["logits_head"]), (logits[:, -1, :], expected["logits_last"])):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want, "float32", TF_TINY))
 
 
 def test_raw_bundle_names_and_conv1d_squeeze(fixture_dir):
