@@ -51,7 +51,8 @@ def warp_logits(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
     A temperature so small that logits / temperature overflows to inf is an error: a softmax
     of infinities is NaN, from which no token can be drawn (transformers' sampler refuses too).
     """
-    scores = logits.astype(np.float64) / sampling.temperature
+    with np.errstate(over="ignore"):  # reported below as an error of its own
+        scores = logits.astype(np.float64) / sampling.temperature
     if np.isposinf(scores.max()):
         raise GPT2Error(f"temperature {sampling.temperature!r} is too small: logits / temperature overflows "
                         f"float64; use a larger temperature, or greedy decoding (do_sample=False)")
