@@ -47,6 +47,7 @@ class Token:
     id: int
     logprob: float | None = None
     top: tuple = ()
+    index: int = 0  # the request's `index`
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ class Finished:
 
     reason: str
     message: str = ""
+    index: int = 0  # the request's `index`
 
 
 class Request:
@@ -65,11 +67,13 @@ class Request:
     prompt: token ids, at least one; max_tokens >= 1; sampling: see `generate.Sampling`;
     seed: as `generate`'s; eos: the ids that end it; stop: strings that end it once the
     generated text holds one (decoded with `tokenizer`); logprobs: how many alternatives to
-    report with each token (None: no log-probabilities at all).
+    report with each token (None: no log-probabilities at all); events: a queue to share
+    with other requests (default: a new one), their events told apart by `index`.
     """
 
     def __init__(self, prompt, max_tokens: int, sampling: Sampling = Sampling(), seed=None, eos=(),
-                 stop=None, tokenizer=None, logprobs: int | None = None):
+                 stop=None, tokenizer=None, logprobs: int | None = None, events: queue.Queue | None = None,
+                 index: int = 0):
         self.prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
         if len(self.prompt) == 0:
             raise GPT2Error("prompt: at least one token is needed")
@@ -81,7 +85,8 @@ class Request:
         self.eos = frozenset(int(e) for e in eos)
         self.stops = _StopStrings(stop, tokenizer, 1)
         self.logprobs = logprobs
-        self.events = queue.Queue()
+        self.events = queue.Queue() if events is None else events
+        self.index = index
         self.cancelled = threading.Event()
         self.generated = 0
         self.last_token = None
@@ -89,6 +94,9 @@ class Request:
     def cancel(self) -> None:
         """Stop generating for this request; its row is freed before the next step."""
         self.cancelled.set()
+
+    def finish(self, reason: str, message: str = "") -> None:
+        self.events.put(Finished(reason, message, self.index))
 
     def __iter__(self):
         """The events until the `Finished` one (included), waiting for each."""
@@ -177,7 +185,7 @@ class Engine:
                 self._drop(list(self.rows), "error")
                 self.cache.length = 0
         for request in self.rows + _drain(self.waiting):
-            request.events.put(Finished("cancelled"))
+            request.finish("cancelled")
         self.rows = []
 
     def step(self) -> None:
@@ -187,18 +195,18 @@ class Engine:
         while len(self.rows) < self.max_batch and not self.waiting.empty():
             request = self.waiting.get_nowait()
             if request.cancelled.is_set():
-                request.events.put(Finished("cancelled"))
+                request.finish("cancelled")
                 continue
             try:
                 self._admit(request)
             except GPT2Error as exc:
-                request.events.put(Finished("error", str(exc)))
+                request.finish("error", str(exc))
         done = {}
         for row, request in enumerate(self.rows):
             logits = self.logits[row:row + 1]
             token = next_tokens(logits, request.sampling, request.rng)
             request.last_token = int(token[0])
-            request.events.put(_token_event(logits[0], request.last_token, request.logprobs))
+            request.events.put(_token_event(logits[0], request.last_token, request.logprobs, request.index))
             request.generated += 1
             if request.last_token in request.eos or request.stops.update(token, np.zeros(1, dtype=bool))[0]:
                 done[request] = "stop"
@@ -252,7 +260,7 @@ class Engine:
                 self.positions[row] = self.positions[last]
                 self.rows[row] = self.rows[last]
             self.rows.pop()
-            request.events.put(Finished(reason))
+            request.finish(reason)
 
     def _compact(self):
         """Move each active row's live positions to the left, in order, ending at the longest
@@ -269,15 +277,15 @@ class Engine:
         cache.length = end
 
 
-def _token_event(logits, token: int, alternatives: int | None) -> Token:
+def _token_event(logits, token: int, alternatives: int | None, index: int) -> Token:
     """The `Token` for `token` drawn from logits [V], with log-probabilities if asked for."""
     if alternatives is None:
-        return Token(token)
+        return Token(token, index=index)
     scores = logits.astype(np.float64)
     shifted = scores - scores.max()
     logprobs = shifted - np.log(np.exp(shifted).sum())
     top = np.argsort(-logprobs, kind="stable")[:alternatives]
-    return Token(token, float(logprobs[token]), tuple((int(i), float(logprobs[i])) for i in top))
+    return Token(token, float(logprobs[token]), tuple((int(i), float(logprobs[i])) for i in top), index)
 
 
 def _drain(q: queue.Queue) -> list:
