@@ -314,7 +314,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if echo and logprobs is not None:
             raise ApiError(400, "echo with logprobs is not supported (the prompt's log-probabilities)", "echo",
                            "unsupported_value")
-        self._serve(body, settings, ids, logprobs, chat=False, echo=echo)
+        self._serve(settings, ids, logprobs, chat=False, echo=echo)
 
     def _chat(self, body):
         settings = _Settings(body, _CHAT, 256)
@@ -329,11 +329,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if _flag(body, "logprobs"):
             logprobs = _number(body, "top_logprobs", 0, 0, MAX_LOGPROBS, integer=True)
         settings.stop = settings.stop + [CHAT_STOP]
-        self._serve(body, settings, [self._tokens(prompt, "messages")], logprobs, chat=True, echo=False)
+        self._serve(settings, [self._tokens(prompt, "messages")], logprobs, chat=True, echo=False)
 
     # ---- generation
 
-    def _serve(self, body, settings, prompts, logprobs, chat, echo):
+    def _serve(self, settings, prompts, logprobs, chat, echo):
         server = self.server
         engine, tokenizer = server.engine, server.tokenizer
         P = engine.cache.capacity
@@ -347,7 +347,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for p, ids in enumerate(prompts):
             for j in range(settings.n):
                 choices.append(_Choice(server, settings.stop, eos))
-                if settings.max_tokens == 0:
+                if settings.max_tokens == 0:  # nothing to generate (with echo: the prompt back)
+                    choices[-1].finish("length")
                     continue
                 requests.append(Request(ids, settings.max_tokens, settings.sampling, settings.seed_of(j), eos,
                                         settings.stop, tokenizer, logprobs, events, len(choices) - 1))
@@ -362,9 +363,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             for request in requests:
                 request.cancel()
             raise ApiError(400, str(exc)) from None
-        for choice in choices[:]:
-            if settings.max_tokens == 0:
-                choice.finish("length")
         reply = _Reply(self, settings, chat, echo, prompts, choices, logprobs)
         server.working(+1)
         try:

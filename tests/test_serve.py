@@ -286,3 +286,57 @@ def test_load(server, client, model, tokenizer):
             future.result()
     assert _wait_until(lambda: server.engine.active == 0, 10)
     assert _raw(server, "GET", "/health")[0] == 200
+
+
+def test_health_before_the_model_is_loaded():
+    srv = Server("127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert _raw(srv, "GET", "/health", auth=False) == (503, {"status": "loading"})
+        status, error = _post(srv, {"prompt": "x"}, auth=False)
+        assert status == 503 and error["error"]["code"] == "model_loading"
+    finally:
+        srv.stop()
+
+
+def test_cli_serves_and_exits_0_on_sigterm(tmp_path):
+    """`numpy-gpt2 serve` in its own process: it answers, and SIGTERM during a stream cuts the
+    stream with an error event and [DONE], and the process exits 0."""
+    import os
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    process = subprocess.Popen([sys.executable, "-m", "numpy_gpt2", "serve", "--model", "fortunes", "--port",
+                                str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_until(lambda: _health(port) == 200, 60)
+        sock = _stream_request(port, 200)
+        sock.settimeout(30)
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+        assert rest.endswith(b"data: [DONE]\n\n")
+        assert _health(port) is None  # no longer listening
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        process.kill()
+
+
+def _health(port):
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/health")
+        return connection.getresponse().status
+    except OSError:
+        return None
