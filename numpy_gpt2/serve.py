@@ -30,6 +30,7 @@ MAX_N = 16           # choices per prompt
 MAX_PROMPTS = 16     # prompts per request
 MAX_LOGPROBS = 5     # alternatives per token, as OpenAI allows
 MAX_STOPS = 4
+CLIENT_CHECK = 0.2   # seconds between looks at whether a waiting client is still connected
 # The chat template: GPT-2 has none, so each message is a line "role: content", and the
 # assistant's turn starts on the line after; generation also stops where a new user line begins.
 CHAT_STOP = "\nuser:"
@@ -368,12 +369,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             reply.start()
             running = len(requests)
+            checked = time.monotonic()
             while running:
-                try:
-                    event = events.get(timeout=0.2)
-                except queue.Empty:
+                # Tokens may come faster than this, so the client is looked at by the clock,
+                # not only when none came.
+                if time.monotonic() - checked > CLIENT_CHECK:
                     if self._client_gone():
-                        raise ConnectionResetError("the client went away") from None
+                        raise ConnectionResetError("the client went away")
+                    checked = time.monotonic()
+                try:
+                    event = events.get(timeout=CLIENT_CHECK)
+                except queue.Empty:
                     continue
                 choice = choices[event.index]
                 if isinstance(event, Finished):

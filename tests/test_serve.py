@@ -218,9 +218,9 @@ def test_full_queue_is_429(server, client):
     assert client.completions.create(model="fortunes", prompt="a", max_tokens=2).choices
 
 
-def _stream_request(port, max_tokens, seed=None):
+def _stream_request(port, max_tokens, seed=None, stream=True):
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    body = json.dumps({"prompt": "The", "max_tokens": max_tokens, "stream": True, "temperature": 0.7,
+    body = json.dumps({"prompt": "The", "max_tokens": max_tokens, "stream": stream, "temperature": 0.7,
                        "seed": seed}).encode()
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
                  + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
@@ -238,17 +238,18 @@ def _wait_until(condition, seconds=30):
 
 
 def test_disconnect_frees_the_row(server, client, model, tokenizer):
-    """A client that goes away mid-stream has its row freed; one that never reads does not hold
-    up the others."""
+    """A client that goes away, streaming or not, has its row freed; one that never reads does
+    not hold up the others."""
     # A seed whose text runs the whole 200 tokens alone, so that only the disconnection ends it.
     seed = next(s for s in range(50) if model.config.eos_token_id not in model.generate(
         np.array(tokenizer.encode("The")), max_new_tokens=200, do_sample=True, temperature=0.7, seed=s)[0])
-    sock = _stream_request(server.server_address[1], 200, seed)
-    assert _wait_until(lambda: server.engine.active == 1)
-    request = server.engine.rows[0]
-    sock.close()
-    assert _wait_until(lambda: server.engine.active == 0, 10)
-    assert request.cancelled.is_set() and request.generated < 200
+    for stream in (True, False):  # seen by a failed write, or while waiting to write
+        sock = _stream_request(server.server_address[1], 200, seed, stream)
+        assert _wait_until(lambda: server.engine.active == 1)
+        request = server.engine.rows[0]
+        sock.close()
+        assert _wait_until(lambda: server.engine.active == 0, 10)
+        assert request.cancelled.is_set() and request.generated < 200
     silent = [_stream_request(server.server_address[1], 200) for _ in range(2)]  # never read
     result = client.completions.create(model="fortunes", prompt="Hello", max_tokens=8, temperature=0)
     assert result.choices[0].finish_reason in ("stop", "length")
@@ -340,3 +341,78 @@ def _health(port):
         return connection.getresponse().status
     except OSError:
         return None
+
+
+# ---- the page in a real browser --------------------------------------------------------------
+
+def _webdriver(port, method, path, body=None):
+    """One call of the W3C WebDriver protocol to chromedriver -> its "value"."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request(method, path, None if body is None else json.dumps(body),
+                       {"Content-Type": "application/json"})
+    answer = json.loads(connection.getresponse().read())
+    connection.close()
+    if isinstance(answer.get("value"), dict) and "error" in answer["value"]:
+        raise AssertionError(f"webdriver {method} {path}: {answer['value']['error']}: {answer['value'].get('message')}")
+    return answer["value"]
+
+
+def test_page_streams_in_headless_chromium(server, model, tokenizer, tmp_path):
+    """Debian's chromium through its chromedriver (the WebDriver protocol spoken directly, no
+    selenium): type a prompt, press the button, see the streamed text appear, equal to greedy
+    generate's."""
+    import shutil
+    import subprocess
+
+    driver, browser = shutil.which("chromedriver"), shutil.which("chromium")
+    if driver is None or browser is None:
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        driver_port = probe.getsockname()[1]
+    process = subprocess.Popen([driver, f"--port={driver_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_until(lambda: _health_of(driver_port, "/status"), 30)
+        session = _webdriver(driver_port, "POST", "/session", {"capabilities": {"alwaysMatch": {
+            "browserName": "chrome", "goog:chromeOptions": {
+                "binary": browser, "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                                            f"--user-data-dir={tmp_path / 'profile'}"]}}}})["sessionId"]
+        base = f"/session/{session}"
+        try:
+            _webdriver(driver_port, "POST", f"{base}/url", {"url": f"http://127.0.0.1:{server.server_address[1]}/"})
+
+            def element(css):
+                found = _webdriver(driver_port, "POST", f"{base}/element", {"using": "css selector", "value": css})
+                return f"{base}/element/{next(iter(found.values()))}"
+
+            def set_value(css, text):
+                _webdriver(driver_port, "POST", f"{element(css)}/clear", {})
+                _webdriver(driver_port, "POST", f"{element(css)}/value", {"text": text})
+
+            set_value("#prompt", "The sea")
+            set_value("#temperature", "0")
+            set_value("#max_tokens", "12")
+            set_value("#key", KEY)
+            _webdriver(driver_port, "POST", f"{element('#go')}/click", {})
+
+            def status():
+                return _webdriver(driver_port, "GET", f"{element('#status')}/text")
+
+            assert _wait_until(lambda: status() in ("done", "finished: stop", "finished: length"), 60), status()
+            shown = _webdriver(driver_port, "POST", f"{base}/execute/sync",
+                               {"script": "return document.getElementById('completion').textContent", "args": []})
+            assert shown == _expected(model, tokenizer, "The sea", 12, 0)[0]
+        finally:
+            _webdriver(driver_port, "DELETE", base)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _health_of(port, path):
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", path)
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
