@@ -259,12 +259,12 @@ def test_disconnect_frees_the_row(server, client, model, tokenizer):
 
 
 def test_load(server, client, model, tokenizer):
-    """6 clients x 4 requests, mixed lengths, streaming or not, some dropping their stream
+    """8 clients x 5 requests, mixed lengths, streaming or not, some dropping their stream
     early: every completed response equals generate alone; the server answers after."""
     prompts = ["Luck", "You will travel far and", "Tomorrow", "A wise person once said that"]
 
     def work(c):
-        for r in range(4):
+        for r in range(5):
             prompt, max_tokens, seed = prompts[(c + r) % 4], 5 + 7 * ((c * r) % 4), 100 * c + r
             expected = _expected(model, tokenizer, prompt, max_tokens, 0.9, seed=seed)
             if (c + r) % 3 == 0:
@@ -282,8 +282,8 @@ def test_load(server, client, model, tokenizer):
                 got = (choice.text, choice.finish_reason)
             assert got == expected
 
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        for future in [pool.submit(work, c) for c in range(6)]:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(work, c) for c in range(8)]:
             future.result()
     assert _wait_until(lambda: server.engine.active == 0, 10)
     assert _raw(server, "GET", "/health")[0] == 200
