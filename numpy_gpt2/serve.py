@@ -555,6 +555,11 @@ class Server(http.server.ThreadingHTTPServer):
         self.tokenizer, self.model_name = tokenizer, model_name
         self.engine = Engine(model, max_batch=max_batch, max_queue=max_queue).start()
 
+    def handle_error(self, request, client_address):
+        """A client that resets its connection is not the server's error: no traceback for it."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
     def working(self, change: int):
         """Count the handlers generating (+1 as one starts, -1 as it ends)."""
         with self._idle:

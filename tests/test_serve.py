@@ -196,6 +196,23 @@ def test_bad_bodies_auth_and_routes(server):
     assert _post(server, {"messages": "hi"}, path="/v1/chat/completions")[0] == 400
 
 
+def test_reset_connection_is_quiet(server, capfd):
+    """A client that resets its kept-alive connection (unread data, SO_LINGER 0) while the
+    server waits for its next request: no traceback on the server's stderr."""
+    import struct
+
+    sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # its answer left unread
+    time.sleep(0.2)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    time.sleep(1)
+    assert "Traceback" not in capfd.readouterr().err
+    assert _raw(server, "GET", "/health")[0] == 200
+
+
 def test_oversized_body(server):
     """A 10 MB prompt: 413 from its Content-Length, before the body is read."""
     body = json.dumps({"prompt": "x" * (10 << 20)}).encode()
