@@ -569,18 +569,25 @@ def _import_torch_first():
         pass  # load_engines reports the missing column
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # BLAS and OpenMP read these once, when they load: set them before NumPy or torch is
-    # imported. Subprocesses inherit them.
+def set_up_threads(threads: int, torch: bool = True) -> None:
+    """Before NumPy or torch is imported: every library's thread count (BLAS and OpenMP read
+    theirs once, when they load; subprocesses inherit them), torch loaded first when it is to
+    be measured (`_import_torch_first`), and the BLAS kernels that fit this CPU chosen as the
+    command line chooses them."""
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
-    if "torch" in args.engines:
+        os.environ[var] = str(threads)
+    if torch:
         _import_torch_first()
     from numpy_gpt2 import choose_blas_kernels
+
+    choose_blas_kernels()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    set_up_threads(args.threads, torch="torch" in args.engines)
     from numpy_gpt2.errors import GPT2Error
 
-    choose_blas_kernels()  # as the command line does: the BLAS kernels that fit this CPU
     try:
         return _run(args)
     except (GPT2Error, OSError, RuntimeError) as exc:  # RuntimeError: a subprocess that failed

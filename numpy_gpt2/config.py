@@ -2,9 +2,10 @@
 
 import dataclasses
 import json
+import math
 import os
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 from .fileio import atomic_write_bytes
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
@@ -35,23 +36,31 @@ class GPT2Config:
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config: {name} must be a positive integer, found {value!r}")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
-            raise ConfigError(f"config: n_inner must be a positive integer or null, found {self.n_inner!r}")
+            if not _is_size(value):
+                raise ConfigError(f"config: {name} must be a positive integer below 2**63, found {brief(value)}")
+        if self.n_inner is not None and not _is_size(self.n_inner):
+            raise ConfigError(
+                f"config: n_inner must be a positive integer below 2**63 or null, found {brief(self.n_inner)}"
+            )
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
             )
         if self.activation_function not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(
-                f"config: activation_function {self.activation_function!r} is not supported; "
+                f"config: activation_function {brief(self.activation_function)} is not supported; "
                 f"GPT-2 uses the tanh GELU, one of {', '.join(SUPPORTED_ACTIVATIONS)}"
             )
-        if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
-            raise ConfigError(
-                f"config: layer_norm_epsilon must be a positive number, found {self.layer_norm_epsilon!r}"
-            )
+        eps = self.layer_norm_epsilon
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
+            raise ConfigError(f"config: layer_norm_epsilon must be a positive finite number, found {brief(eps)}")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config: {name} must be true or false, found {brief(getattr(self, name))}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value, minimum=0):
+                raise ConfigError(f"config: {name} must be a token id (an integer >= 0) or null, found {brief(value)}")
 
     @property
     def head_dim(self) -> int:
@@ -81,7 +90,7 @@ class GPT2Config:
             raise ConfigError(f"{source}: expected a JSON object, found {type(data).__name__}")
         model_type = data.get("model_type", "gpt2")
         if model_type != "gpt2":
-            raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'gpt2'")
+            raise ConfigError(f"{source}: model_type is {brief(model_type)}, expected 'gpt2'")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         if "n_positions" not in kwargs and "n_ctx" in data:
@@ -105,7 +114,7 @@ class GPT2Config:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested or a number too long to read
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
         if isinstance(data, dict) and "n_vocab" in data and "vocab_size" not in data:
             data = {**data, "vocab_size": data["n_vocab"]}
@@ -125,6 +134,16 @@ class GPT2Config:
         """Write config.json atomically."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _is_int(value, minimum: int) -> bool:
+    """True for an int (not a bool, which JSON's true would give) of at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_size(value) -> bool:
+    """True for a positive int that can size a NumPy array (below 2**63, its index type's limit)."""
+    return _is_int(value, minimum=1) and value < 1 << 63
 
 
 PRESETS = {

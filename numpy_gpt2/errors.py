@@ -4,6 +4,17 @@ Every message names the thing that is wrong: the file, the tensor, the argument,
 expected against what was found. `cli.py` turns these (and `OSError`) into one line on stderr.
 """
 
+import reprlib
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 60, 60, 40
+
+
+def brief(value) -> str:
+    """repr(value), cut short: a value read from a hostile file can be megabytes long or nested
+    hundreds deep, and a message must stay one readable line."""
+    return _BRIEF.repr(value)
+
 
 class GPT2Error(ValueError):
     """Base class: bad input to numpy-gpt2 (a file, a config, an argument)."""

@@ -46,8 +46,16 @@ class Sampling:
 
 
 def warp_logits(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
-    """logits: [B, V] -> [B, V] float64 scores, -inf for tokens the filters remove."""
-    scores = logits.astype(np.float64) / sampling.temperature
+    """logits: [B, V] -> [B, V] float64 scores, -inf for tokens the filters remove.
+
+    A temperature so small that logits / temperature overflows to inf is an error: a softmax
+    of infinities is NaN, from which no token can be drawn (transformers' sampler refuses too).
+    """
+    with np.errstate(over="ignore"):  # reported below as an error of its own
+        scores = logits.astype(np.float64) / sampling.temperature
+    if np.isposinf(scores.max()):
+        raise GPT2Error(f"temperature {sampling.temperature!r} is too small: logits / temperature overflows "
+                        f"float64; use a larger temperature, or greedy decoding (do_sample=False)")
     if sampling.top_k:
         k = min(int(sampling.top_k), scores.shape[-1])
         kth = np.partition(scores, -k, axis=-1)[:, -k:].min(axis=-1, keepdims=True)

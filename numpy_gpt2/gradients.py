@@ -24,7 +24,7 @@ from numba.core import types
 from numba.extending import overload
 
 from . import ops
-from .kernels.float32math import exp_float32_, tanh_float32
+from .kernels.float32math import exp_shifted_, tanh_float32
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
@@ -98,23 +98,6 @@ def _gelu_backward_(dg, f):
             dg_i[j] *= half * (1 + t) + half * x * (1 - t * t) * c * (1 + 3 * a * x * x)
 
 
-def _exp_shifted_(row, shift):
-    """row <- exp(row - shift) in place, for arguments up to 0: float32's `exp_float32_`, which
-    vectorises, or math.exp for float64 (see the overload)."""
-    row[:] = np.exp(row - shift)
-
-
-@overload(_exp_shifted_, jit_options=_JIT)
-def _exp_shifted_for(row, shift):
-    if row.dtype == types.float32:
-        return lambda row, shift: exp_float32_(row, len(row), np.float32(1), shift)
-
-    def exp_shifted(row, shift):
-        for j in range(len(row)):
-            row[j] = math.exp(row[j] - shift)
-    return exp_shifted
-
-
 @numba.njit(**_JIT)
 def _cross_entropy_to_gradient_(logits, targets, ignore):
     """logits [N, V] -> their gradient in place (`ops.cross_entropy_backward`); -> the loss.
@@ -135,7 +118,7 @@ def _cross_entropy_to_gradient_(logits, targets, ignore):
             continue
         top = row.max()
         target_logit = row[targets[i]] - top  # log p(target) = this - log(sum): finite when exp underflows
-        _exp_shifted_(row, top)
+        exp_shifted_(row, top)
         s = row.sum()
         total += math.log(s) - target_logit
         row *= scale / s

@@ -223,7 +223,7 @@ class GPT2:
         return self.forward(input_ids, **kwargs)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, head: bool = True):
         """Token ids -> next-token logits.
 
         input_ids: (T,) or (B, T) integers in [0, V)
@@ -233,7 +233,10 @@ class GPT2:
         cache: a `KVCache` to read past positions from and append these T to; None runs
             without one
         logits_to_keep: return logits for the last this-many positions only; 0 keeps all
-        -> logits (B, T or logits_to_keep, V) in the model's dtype
+        head: False returns the final hidden states (after ln_f) instead of the logits, for a
+            caller that applies the head to some of them itself (`score`, in chunks of rows)
+        -> logits (B, T or logits_to_keep, V), or hidden states (B, T or logits_to_keep, C), in
+        the model's dtype
         """
         ids = self.check_ids(input_ids)
         B, T = ids.shape
@@ -259,7 +262,7 @@ class GPT2:
             cache.key_mask[:, :start + T] = inputs.check_mask(attention_mask, B, start + T)
         positions = (ops.position_ids_from_mask(cache.key_mask[:, :start + T])[:, start:] if position_ids is None
                      else inputs.check_positions(position_ids, B, T, self.config.n_positions))
-        return self._forward(ids, positions, cache, logits_to_keep)
+        return self._forward(ids, positions, cache, logits_to_keep, head)
 
     def decode_step(self, tokens, positions, cache: KVCache):
         """One new token per row after what `cache` holds, as a decoding loop (`generate`) calls
@@ -273,9 +276,9 @@ class GPT2:
         cache.key_mask[:, cache.length] = True
         return self._forward(tokens[:, None], positions[:, None], cache, 0)[:, -1]
 
-    def _forward(self, ids, positions, cache: KVCache, logits_to_keep: int):
+    def _forward(self, ids, positions, cache: KVCache, logits_to_keep: int, head: bool = True):
         """The pass itself, arguments checked: ids, positions [B, T]; cache with room for T more,
-        its key_mask set for them -> logits (see `forward`). `ops.gpt2`, each block `ops.block`,
+        its key_mask set for them -> logits, or the hidden states when not head (see `forward`). `ops.gpt2`, each block `ops.block`,
         through the kernels; a prompt's intermediates come from `self.workspace`."""
         B, T = ids.shape
         start = cache.length
@@ -300,7 +303,7 @@ class GPT2:
         cache.length = start + T
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self._head(x)                                                        # [B, T, V]
+        return self._head(x) if head else x                                         # [B, T, V]
 
     def _head(self, x):
         """x: [B, T, C] -> logits [B, T, V] = x @ wte.T: the output head is the embedding, tied."""

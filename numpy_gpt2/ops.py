@@ -78,6 +78,12 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def log_softmax(x):
+    """x: [..., N] -> [..., N]; log(softmax(x)) = x - max - log(sum(exp(x - max))), over the last axis."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def softmax_backward(dout, y):
     """dout, y = softmax(x): [..., N] -> dx [..., N] = y * (dout - sum(dout * y)), the sum over N.
 
@@ -355,8 +361,7 @@ def cross_entropy(logits, targets):
     if not counted.any():
         return logits.dtype.type(np.nan)  # a mean over nothing, as torch gives it
     rows = logits[counted]
-    shifted = rows - rows.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    log_probs = log_softmax(rows)
     return -log_probs[np.arange(len(rows)), targets[counted]].sum() / logits.dtype.type(len(rows))
 
 

@@ -9,8 +9,9 @@ import pathlib
 import shutil
 import sys
 
+from . import plots
 from .errors import GPT2Error
-from .fileio import atomic_path, atomic_write_bytes
+from .fileio import atomic_write_bytes
 from .tokenizer import find_tokenizer_files, packaged_files
 from .weights.resolve import resolve_model
 from .weights.safetensors_file import write_arrays
@@ -102,19 +103,16 @@ def plotter(plot):
     if plot is False:
         return lambda path, history: None
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
+        plots.require_matplotlib("plot=True")
+    except GPT2Error:
         if plot:
-            raise GPT2Error("plot=True needs matplotlib: pip install matplotlib") from None
+            raise
         print("numpy-gpt2: matplotlib is not installed, so no loss.png (pip install matplotlib)",
               file=sys.stderr)
         return lambda path, history: None
 
     def draw(path, history):
-        # A Figure of its own, not pyplot: no global backend or figure state changes.
-        figure = Figure(figsize=(7, 4), dpi=100)
-        FigureCanvasAgg(figure)
+        figure = plots.new_figure(7, 4, "loss.png")
         axes = figure.add_subplot()
         train = [(r["step"], r["loss"]) for r in history if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
@@ -125,8 +123,6 @@ def plotter(plot):
         axes.set_ylabel("cross-entropy (nats per token)")
         axes.grid(alpha=0.3)
         axes.legend()
-        figure.tight_layout()
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, format="png")
+        plots.save_png(figure, path)
 
     return draw

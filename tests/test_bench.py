@@ -47,14 +47,15 @@ def test_naive_logits_match_transformers(tiny_ref, naive_model, ids):
     expected = tiny_ref.logits(ids[None])[0]
     got = naive_model.logits(ids)
     assert got.dtype == np.float32  # the float64 slip picoGPT is known for would show here
-    np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance(expected, "float32"))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance(expected, "float32", tiny_ref.config))
 
 
 def test_naive_logits_match_numpy_gpt2(tiny_ref, naive_model, ids):
     expected = GPT2.from_pretrained(tiny_ref.hub_dir)(ids)[0]
-    np.testing.assert_allclose(naive_model.logits(ids), expected, rtol=0, atol=tolerance(expected, "float32"))
+    np.testing.assert_allclose(naive_model.logits(ids), expected, rtol=0,
+                               atol=tolerance(expected, "float32", tiny_ref.config))
     np.testing.assert_allclose(naive_model.logits(ids, logits_to_keep=1), expected[-1:], rtol=0,
-                               atol=tolerance(expected, "float32"))
+                               atol=tolerance(expected, "float32", tiny_ref.config))
 
 
 def test_naive_greedy_generation_matches_transformers(tiny_ref, naive_model, ids):
@@ -129,6 +130,34 @@ def test_train_quick_run_writes_results(tmp_path):
     assert "What bounds" in table and "agree" in table
     assert table.strip() in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-latest.json", "train-latest.md"]
+
+
+def test_score_quick_run_writes_results(tiny_ref, tmp_path):
+    # Reference: transformers' GPT2LMHeadModel on the same documents, its per-document loss (as
+    # `labels` computes it) must be numpy-gpt2's NLL (float32, 1e-4 relative), or the two
+    # engines were not timed on the same work; the batches are the ones numpy-gpt2 forms.
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, str(BENCH / "score.py"), "--quick", "--model", str(tiny_ref.hub_dir),
+                           "--out", str(tmp_path), "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    latest = json.loads((tmp_path / "score-latest.json").read_text())
+    assert set(latest["engines"]) == {"numpy", "torch"}
+    docs = latest["documents"]
+    assert docs["count"] == len(docs["lengths"]) == sum(docs["batch_sizes"]) == 8
+    assert all(5 <= n <= 40 for n in docs["lengths"])  # within the tiny model's context
+    for engine in ("numpy", "torch"):
+        entry = latest["engines"][engine]
+        assert len(entry["batch_seconds"]) == docs["batches"] and entry["tokens_per_s"] > 0
+        assert len(entry["nll"]) == 8
+    agreement = latest["nll_agreement"]
+    assert agreement["agree"] and agreement["max_relative_difference"] <= 1e-4, agreement
+    assert "status" not in latest  # a quick run is not judged
+    assert latest["bound"]["ratio_bound"] > 0 and latest["bound"]["dense_products"] > 0
+    table = (tmp_path / "score-latest.md").read_text()
+    assert "| row | numpy-gpt2 | torch | ratio | target | PASS/MISS |" in table
+    assert "What bounds" in table and "the same work" in table
+    assert table.strip() in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["score-latest.json", "score-latest.md"]
 
 
 @pytest.fixture(scope="module")

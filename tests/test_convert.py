@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import TINY, build_reference, shared_file, tolerance
+from conftest import TF_TINY, TINY, build_reference, shared_file, tolerance
 from numpy_gpt2 import GPT2
 from numpy_gpt2.convert import convert
 from numpy_gpt2.errors import CheckpointError, ConfigError, GPT2Error
@@ -56,7 +56,8 @@ def _hf_logits(model, ids):
 
 
 def _assert_close(got, want):
-    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want, "float32"))
+    """got and want: logits of a model of conftest's TINY shape."""
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want, "float32", TINY))
 
 
 def _hf_state(ref) -> dict:
@@ -117,7 +118,7 @@ def test_tf_fixture_converts(tmp_path):
     ids = expected["input_ids"]
     for logits in (_hf_logits(_hf_load(dst), ids), GPT2.from_pretrained(bin_path)(ids)):
         for got, want in ((logits[:, :, :512], expected["logits_head"]), (logits[:, -1, :], expected["logits_last"])):
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+            np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want, "float32", TF_TINY))
 
 
 def test_destination_with_a_model_needs_force(tiny_ref, tmp_path):

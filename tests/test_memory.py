@@ -169,13 +169,13 @@ def test_held_logits_stay_those_of_their_input(tiny_ref, pooled_model):
     for got, ids in ((last_of_a, a), (logits_b, b)):
         expected = tiny_ref.logits(ids)
         np.testing.assert_allclose(got, expected[:, -1] if got.ndim == 2 else expected,
-                                   rtol=0, atol=tolerance(expected, "float32"))
+                                   rtol=0, atol=tolerance(expected, "float32", tiny_ref.config))
     address = _address(logits_b)
     del logits_b, got
     logits_c = pooled_model(c)                               # b's memory again, all rewritten
     assert _address(logits_c) == address
     expected = tiny_ref.logits(c)
-    np.testing.assert_allclose(logits_c, expected, rtol=0, atol=tolerance(expected, "float32"))
+    np.testing.assert_allclose(logits_c, expected, rtol=0, atol=tolerance(expected, "float32", tiny_ref.config))
 
 
 def test_two_threads_prompting_at_once_get_their_own_logits(tiny_ref, pooled_model):
@@ -184,7 +184,7 @@ def test_two_threads_prompting_at_once_get_their_own_logits(tiny_ref, pooled_mod
         results = list(pool.map(pooled_model, sequences))
     for ids, logits in zip(sequences, results):
         expected = tiny_ref.logits(ids)
-        np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32"))
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32", tiny_ref.config))
 
 
 # ---- the keys and values of a forward pass without a cache ---------------------------------
@@ -203,7 +203,7 @@ def test_a_forward_without_a_cache_never_reads_what_it_did_not_write(tiny_ref, d
     expected = tiny_ref.logits(ids, dtype=dtype, attention_mask=mask, position_ids=positions)
     logits = model(ids, attention_mask=mask)
     seen = mask.astype(bool)                                 # padded positions' logits are not defined
-    np.testing.assert_allclose(logits[seen], expected[seen], rtol=0, atol=tolerance(expected, dtype))
+    np.testing.assert_allclose(logits[seen], expected[seen], rtol=0, atol=tolerance(expected, dtype, tiny_ref.config))
 
 
 def test_the_keys_and_values_of_forwards_without_a_cache_are_kept_once(tiny_ref, pooled_model):
@@ -216,7 +216,7 @@ def test_the_keys_and_values_of_forwards_without_a_cache_are_kept_once(tiny_ref,
         logits = pooled_model(ids)
     assert pooled_model.workspace.keys_values.kept_bytes == kept
     expected = tiny_ref.logits(ids)
-    np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32"))
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32", tiny_ref.config))
 
 
 # ---- a prompt's intermediates ------------------------------------------------------------------
@@ -241,13 +241,13 @@ def test_a_prompt_never_reads_what_it_did_not_write(tiny_ref, dtype, monkeypatch
     expected = tiny_ref.logits(ids, dtype=dtype, attention_mask=mask, position_ids=positions)
     seen = mask.astype(bool)                                 # padded positions' logits are not defined
     np.testing.assert_allclose(model(ids, attention_mask=mask)[seen], expected[seen], rtol=0,
-                               atol=tolerance(expected, dtype))
+                               atol=tolerance(expected, dtype, tiny_ref.config))
     assert len(handed_out) > 7 * tiny_ref.config["n_layer"]  # embeddings, every block's ops, ln_f
 
     cache = model.new_cache(2)
     model(ids[:, :12], attention_mask=mask[:, :12], cache=cache)
     last = model(ids[:, 12:], attention_mask=mask, cache=cache, logits_to_keep=3)
-    np.testing.assert_allclose(last, expected[:, -3:], rtol=0, atol=tolerance(expected, dtype))
+    np.testing.assert_allclose(last, expected[:, -3:], rtol=0, atol=tolerance(expected, dtype, tiny_ref.config))
 
 
 def test_a_prompts_intermediates_are_kept_once(tiny_ref, monkeypatch):
@@ -274,4 +274,4 @@ def test_a_prompts_intermediates_are_kept_once(tiny_ref, monkeypatch):
     assert kept_results and all(kept_results)
     assert model.workspace.intermediates.kept_bytes == kept
     expected = tiny_ref.logits(ids)
-    np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32"))
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance(expected, "float32", tiny_ref.config))

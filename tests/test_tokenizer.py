@@ -10,26 +10,17 @@ Both references read the files in ../shared/data/gpt2-bpe; without them those te
 import hashlib
 import json
 import re
-import os
 import pathlib
 import shutil
 
 import numpy as np
 import pytest
-import tiktoken
-import tiktoken.registry
 
 from numpy_gpt2 import tokenizer as tokenizer_module
 from numpy_gpt2.errors import TokenizerError
 from numpy_gpt2.tokenizer import Tokenizer
 
 SHARED_BPE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2-bpe"
-
-# The URLs tiktoken_ext/openai_public.py's gpt2() reads; tiktoken caches each file under sha1(url).
-TIKTOKEN_GPT2_FILES = {
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe": "vocab.bpe",
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json": "encoder.json",
-}
 
 # (vocab, merges) names: a Hugging Face model directory, then OpenAI's download.
 FILE_NAMINGS = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
@@ -73,25 +64,9 @@ def make_model_dir(directory: pathlib.Path, vocab_name: str, merges_name: str) -
 
 
 @pytest.fixture(scope="session")
-def ref(tmp_path_factory):
-    """tiktoken's own gpt2 Encoding, built from a cache seeded with the shared files."""
-    sources = {url: shared_file(name) for url, name in TIKTOKEN_GPT2_FILES.items()}
-    cache = tmp_path_factory.mktemp("tiktoken-cache")
-    for url, source in sources.items():
-        shutil.copyfile(source, cache / hashlib.sha1(url.encode()).hexdigest())
-    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-    # Drop any gpt2 Encoding built earlier in this process, so this one comes from the cache.
-    tiktoken.registry.ENCODINGS.pop("gpt2", None)
-    try:
-        encoding = tiktoken.get_encoding("gpt2")
-    finally:
-        if previous is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = previous
-    yield encoding
-    tiktoken.registry.ENCODINGS.pop("gpt2", None)
+def ref(tiktoken_gpt2):
+    """tiktoken's own gpt2 Encoding (see conftest)."""
+    return tiktoken_gpt2
 
 
 @pytest.fixture(scope="session")
@@ -101,14 +76,9 @@ def hf_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def hf(hf_model_dir):
-    """Hugging Face's GPT2Tokenizer loaded from the model directory."""
-    transformers = pytest.importorskip("transformers")
-    hf_tokenizer = transformers.GPT2Tokenizer.from_pretrained(hf_model_dir)
-    # transformers 5 silently builds an empty vocabulary from unknown arguments; make sure
-    # this reference really holds GPT-2's.
-    assert len(hf_tokenizer) == 50257
-    return hf_tokenizer
+def hf(hf_gpt2_tokenizer):
+    """Hugging Face's GPT2Tokenizer from the shared files (see conftest)."""
+    return hf_gpt2_tokenizer
 
 
 @pytest.fixture

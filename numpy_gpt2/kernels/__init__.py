@@ -8,6 +8,7 @@ where its result comes from (see `memory.Workspace`). By concern:
 - `elementwise`: layernorm and the bias plus tanh-GELU loops;
 - `products`: `linear`, `linear_gelu`, the tied head `matmul_transposed`: a few rows streamed
   through a Numba loop, many rows cut into bands, one ?gemm call each from Numba's threads;
+- `logprobs`: the log-softmax of each row read at its target (and top k), for scoring text;
 - `attention`: causal, masked attention over the cache, a prompt's in blocks of queries;
 - `decode`: a decoding step, the few-rows product, attention of one query, a whole block in one
   call (`decode_block`);
@@ -20,9 +21,10 @@ from .attention import causal_attention
 from .common import FEW_ROWS, THIN_ROWS, transposed_contiguous
 from .decode import decode_block, few_rows_matmul
 from .elementwise import layer_norm
+from .logprobs import token_logprobs
 from .products import linear, linear_gelu, matmul_transposed, product, recorded_products
 
 __all__ = [
     "FEW_ROWS", "THIN_ROWS", "causal_attention", "decode_block", "few_rows_matmul", "layer_norm", "linear",
-    "linear_gelu", "matmul_transposed", "product", "recorded_products", "transposed_contiguous",
+    "linear_gelu", "matmul_transposed", "product", "recorded_products", "token_logprobs", "transposed_contiguous",
 ]

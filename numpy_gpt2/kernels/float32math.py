@@ -5,13 +5,15 @@ math.tanh and math.exp are calls that keep a Numba loop scalar, and LLVM vectori
 maximum but not a float one; each function here does the same work with none of that.
 """
 
+import math
+
 import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from .common import JIT
+from .common import FAST, JIT
 
 
 @intrinsic
@@ -103,3 +105,40 @@ def max_float32(row, last, key_mask, padded):
     if largest == smallest:
         return np.float32(-np.inf)
     return float32_from_bits(largest ^ ((largest >> np.int32(31)) & flip))
+
+
+def exp_shifted_(row, shift):
+    """row <- exp(row - shift) in place, for arguments up to 0: float32's `exp_float32_`, which
+    vectorises, or math.exp for float64 (see the overload)."""
+    row[:] = np.exp(row - shift)
+
+
+@overload(exp_shifted_, jit_options=FAST)
+def _exp_shifted_for(row, shift):
+    if row.dtype == types.float32:
+        return lambda row, shift: exp_float32_(row, len(row), np.float32(1), shift)
+
+    def exp_shifted(row, shift):
+        for j in range(len(row)):
+            row[j] = math.exp(row[j] - shift)
+    return exp_shifted
+
+
+def row_max(row):
+    """The largest of row: [N] (-inf if empty): `max_float32` for float32, which vectorises, or a
+    plain loop for float64 (see the overload)."""
+    return row.max() if len(row) else -np.inf
+
+
+@overload(row_max, jit_options=FAST)
+def _row_max_for(row):
+    if row.dtype == types.float32:
+        no_mask = np.zeros(0, np.bool_)
+        return lambda row: max_float32(row, len(row), no_mask, False)
+
+    def largest(row):
+        top = -np.inf
+        for j in range(len(row)):
+            top = max(top, row[j])
+        return top
+    return largest

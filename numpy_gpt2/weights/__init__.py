@@ -19,7 +19,7 @@ for, so loading a .safetensors file imports only what it uses.
 import os
 
 from ..config import GPT2Config
-from ..errors import ModelNotFoundError
+from ..errors import CheckpointError, ModelNotFoundError
 from .checkpoint import (Checkpoint, expected_shapes, infer_config, mapped_file, official_names, release_pages,
                          validate)
 from .safetensors_file import load_safetensors
@@ -62,6 +62,8 @@ def load_checkpoint(path: str | os.PathLike, n_head: int | None = None, verify: 
         )
     if not os.path.exists(path):
         raise ModelNotFoundError(f"{path}: no such file or directory")
+    if not os.path.isfile(path):  # a named pipe or a device: reading it could wait forever
+        raise CheckpointError(f"{path}: not a regular file, expected a checkpoint file or directory")
     from . import llmc, torch_state
 
     if llmc.is_llmc_file(path):

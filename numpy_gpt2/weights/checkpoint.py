@@ -9,13 +9,14 @@ config, `infer_config` reads a config off their shapes when no config.json is gi
 """
 
 import dataclasses
+import itertools
 import mmap
 import re
 
 import numpy as np
 
 from ..config import PRESETS, GPT2Config
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .dtypes import FLOATS, to_float
 
 _MASK_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
@@ -71,20 +72,45 @@ def release_pages(array: np.ndarray) -> None:
 
 def expected_shapes(config: GPT2Config) -> dict:
     """Official tensor name -> shape for `config`."""
-    C, F = config.n_embd, config.inner_dim
-    shapes = {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.n_positions, C)}
+    return dict(_named_shapes(config))
+
+
+def _named_shapes(config: GPT2Config):
+    """(official name, shape) of each tensor `config` needs, in the official file's order, lazily:
+    a config may come from a hostile file, with a number of layers no loop could walk."""
+    top = _top_shapes(config)
+    yield "wte.weight", top["wte.weight"]
+    yield "wpe.weight", top["wpe.weight"]
+    layer = _layer_shapes(config)
     for i in range(config.n_layer):
-        p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
-            p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,),
-            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-            p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-            p + "mlp.c_fc.weight": (C, F), p + "mlp.c_fc.bias": (F,),
-            p + "mlp.c_proj.weight": (F, C), p + "mlp.c_proj.bias": (C,),
-        })
-    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
-    return shapes
+        for suffix, shape in layer.items():
+            yield f"h.{i}.{suffix}", shape
+    yield "ln_f.weight", top["ln_f.weight"]
+    yield "ln_f.bias", top["ln_f.bias"]
+
+
+def _top_shapes(config: GPT2Config) -> dict:
+    C = config.n_embd
+    return {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.n_positions, C),
+            "ln_f.weight": (C,), "ln_f.bias": (C,)}
+
+
+def _layer_shapes(config: GPT2Config) -> dict:
+    """Name within block h.{i} -> shape."""
+    C, F = config.n_embd, config.inner_dim
+    return {
+        "ln_1.weight": (C,), "ln_1.bias": (C,),
+        "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+        "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+        "ln_2.weight": (C,), "ln_2.bias": (C,),
+        "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
+        "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,),
+    }
+
+
+# A block's tensor: h.{i}.{name}. Nine digits at most: no model has a billion layers, and a
+# longer index from a corrupt file is then an unknown name, not a number to parse.
+_LAYER_NAME = re.compile(r"h\.(0|[1-9][0-9]{0,8})\.(.+)")
 
 
 def official_names(tensors: dict, path: str) -> dict:
@@ -98,6 +124,12 @@ def official_names(tensors: dict, path: str) -> dict:
         renamed = dict(tensors)
     elif "transformer.wte.weight" in tensors:
         renamed = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+        if len(renamed) < len(tensors):
+            twice = next(k for k in tensors if k.startswith("transformer.") and k.removeprefix("transformer.") in tensors)
+            raise CheckpointError(
+                f"{path}: tensor {twice.removeprefix('transformer.')} is in the file twice, as {twice} and "
+                "without the prefix"
+            )
     else:
         sample = ", ".join(sorted(tensors)[:4]) or "no tensors"
         raise CheckpointError(
@@ -112,15 +144,25 @@ def validate(config: GPT2Config, tensors: dict, file_dtypes: dict, path: str) ->
 
     Raises CheckpointError naming the file, the tensor, and the expected and found shape.
     """
-    expected = expected_shapes(config)
-    missing = [name for name in expected if name not in tensors]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{path}: missing tensor {', '.join(missing[:3])}{more}")
-    extra = [name for name in tensors if name not in expected and name != "lm_head.weight"]
+    top, layer = _top_shapes(config), _layer_shapes(config)
+    top["lm_head.weight"] = top["wte.weight"]
+    expected = {}
+    for name in tensors:
+        match = _LAYER_NAME.fullmatch(name)
+        if match is None:
+            expected[name] = top.get(name)
+        else:
+            expected[name] = layer.get(match[2]) if int(match[1]) < config.n_layer else None
+    n_missing = 4 + 12 * config.n_layer - sum(1 for name, shape in expected.items()
+                                             if shape is not None and name != "lm_head.weight")
+    if n_missing:
+        # At most len(tensors) + 3 names in, three are missing; never a walk over all n_layer.
+        missing = list(itertools.islice((name for name, _ in _named_shapes(config) if name not in tensors), 3))
+        more = f" and {n_missing - 3} more" if n_missing > 3 else ""
+        raise CheckpointError(f"{path}: missing tensor {', '.join(missing)}{more}")
+    extra = [name for name, shape in expected.items() if shape is None]
     if extra:
         raise CheckpointError(f"{path}: unknown tensor {extra[0]} for a GPT-2 with n_layer={config.n_layer}")
-    expected["lm_head.weight"] = expected["wte.weight"]
     for name, array in tensors.items():
         if tuple(array.shape) != expected[name]:
             raise CheckpointError(
@@ -141,12 +183,17 @@ def infer_config(tensors: dict, path: str, n_head: int | None = None) -> GPT2Con
     Shapes give every size but the number of heads: that comes from `n_head`, or from the
     preset (gpt2, gpt2-medium, ...) whose n_embd and n_layer match.
     """
+    for name, sizes in (("wte.weight", "[vocab_size, n_embd]"), ("wpe.weight", "[n_positions, n_embd]")):
+        if name not in tensors:
+            raise CheckpointError(f"{path}: missing tensor {name}")
+        if tensors[name].ndim != 2:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tensors[name].shape}, expected {sizes}")
     vocab_size, n_embd = tensors["wte.weight"].shape
     n_positions = tensors["wpe.weight"].shape[0]
-    layers = {int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}
+    layers = {int(m[1]) for k in tensors if (m := _LAYER_NAME.fullmatch(k))}
     n_layer = max(layers) + 1 if layers else 0
     fc = tensors.get("h.0.mlp.c_fc.weight")
-    n_inner = fc.shape[1] if fc is not None and fc.shape[1] != 4 * n_embd else None
+    n_inner = fc.shape[1] if fc is not None and fc.ndim == 2 and fc.shape[1] != 4 * n_embd else None
     if n_head is None:
         matches = [p["n_head"] for p in PRESETS.values() if (p["n_embd"], p["n_layer"]) == (n_embd, n_layer)]
         if not matches:
@@ -155,5 +202,11 @@ def infer_config(tensors: dict, path: str, n_head: int | None = None) -> GPT2Con
                 "give the number of heads (--n-head / n_head=) or put a config.json beside the file"
             )
         n_head = matches[0]
-    return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
-                      n_layer=n_layer, n_head=n_head, n_inner=n_inner)
+    try:
+        return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
+                          n_layer=n_layer, n_head=n_head, n_inner=n_inner)
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"{path}: no config.json beside it, and its tensor shapes give no valid one: "
+            f"{str(exc).removeprefix('config: ')}"
+        ) from None

@@ -9,6 +9,8 @@ NumPy has no bfloat16. bfloat16 is the top half of a float32, so its values are 
 as their raw uint16 bits: `to_float` widens them, `bfloat16_bits` rounds a float to them.
 """
 
+import math
+
 import numpy as np
 
 from ..errors import CheckpointError
@@ -42,6 +44,9 @@ TF_DATATYPES = {
 # DataType enum values a GPT-2 bundle could hold that this reader does not decode.
 TF_UNSUPPORTED = {7: "DT_STRING", 8: "DT_COMPLEX64", 14: "DT_BFLOAT16", 18: "DT_COMPLEX128"}
 
+# The most dimensions a stored tensor may have: NumPy 1.x's limit (2.x allows 64; GPT-2 needs 3).
+MAX_DIMS = 32
+
 # bfloat16's bits look like uint16: a NumPy dtype names the file dtype only when it is not that.
 _BY_NUMPY = {dtype: name for name, dtype in STORAGE.items() if name != "BF16"}
 
@@ -49,6 +54,20 @@ _BY_NUMPY = {dtype: name for name, dtype in STORAGE.items() if name != "BF16"}
 def file_dtype_of(dtype) -> str | None:
     """The file dtype whose stored values have NumPy `dtype`, or None (a big-endian dtype, say)."""
     return _BY_NUMPY.get(np.dtype(dtype))
+
+
+def shape_problem(shape, itemsize: int) -> str | None:
+    """Why NumPy cannot hold an array of `shape` with items of `itemsize` bytes, or None.
+
+    A file's byte count bounds the sizes of a shape only when it holds bytes: with a zero in
+    it, the other sizes could be anything, and NumPy refuses those whose product passes the
+    largest array it can address.
+    """
+    if len(shape) > MAX_DIMS:
+        return f"{len(shape)} dimensions, more than the {MAX_DIMS} a tensor may have"
+    if math.prod(n for n in shape if n) * itemsize >= 1 << 63:
+        return "sizes whose product passes the largest array NumPy can hold"
+    return None
 
 
 def to_float(array: np.ndarray, file_dtype: str, dtype) -> np.ndarray:

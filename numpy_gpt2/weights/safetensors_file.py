@@ -10,18 +10,23 @@ included (as its raw bits).
 """
 
 import json
+import math
 import os
 import struct
 
 import numpy as np
 
 from ..config import GPT2Config
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 from ..fileio import atomic_path
 from .checkpoint import Checkpoint, infer_config, official_names, validate
-from .dtypes import STORAGE, file_dtype_of
+from .dtypes import STORAGE, file_dtype_of, shape_problem
 
-_MAX_HEADER = 100 * 1024 * 1024
+# A GPT-2 checkpoint lists about 14 tensors a layer (gpt2-xl's header is under 100 KB), so a
+# header of more bytes or more tensors than these is refused before it is read entry by entry:
+# the limits keep a hostile header's parse to a fraction of a second and a few tens of MB.
+_MAX_HEADER = 4 * 1024 * 1024
+_MAX_TENSORS = 20_000
 
 
 def load_safetensors(path: str, config: GPT2Config | None = None, n_head: int | None = None) -> Checkpoint:
@@ -65,47 +70,97 @@ def _read(path):
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from None
     try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested or a number too long to read
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
 
     data_start = 8 + header_len
     data_len = size - data_start
-    raw = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else np.empty(0, np.uint8)
     metadata = header.pop("__metadata__", None) or {}
-    dtypes, tensors = {}, {}
-    for name, info in header.items():
-        dtype, shape, begin, end = _header_entry(path, name, info)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ is {brief(metadata)}, expected an object of strings")
+    if len(header) > _MAX_TENSORS:
+        raise CheckpointError(f"{path}: the header lists {len(header)} tensors, more than the {_MAX_TENSORS} "
+                              "a GPT-2 checkpoint could hold")
+    entries = {name: _header_entry(path, name, info) for name, info in header.items()}
+    for name, (_, _, _, end) in entries.items():
         if end > data_len:
             raise CheckpointError(
                 f"{path}: tensor {name} ends at byte {data_start + end} but the file has "
                 f"{size} bytes (truncated file)"
             )
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * STORAGE[dtype].itemsize:
-            raise CheckpointError(
-                f"{path}: tensor {name} has {end - begin} bytes, expected "
-                f"{int(np.prod(shape))} x {STORAGE[dtype].itemsize} for shape {tuple(shape)} {dtype}"
-            )
+    _check_coverage(path, entries, data_len)
+
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else np.empty(0, np.uint8)
+    dtypes, tensors = {}, {}
+    for name, (dtype, shape, begin, end) in entries.items():
         chunk = raw[data_start + begin:data_start + end]
         dtypes[name] = dtype
         tensors[name] = chunk.view(STORAGE[dtype]).reshape(shape)
     return metadata, dtypes, tensors
 
 
+def _refuse_duplicates(pairs):
+    """A JSON object as a dict, refusing a name given twice (Python's json would keep the last)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        twice = next(name for name, _ in pairs if name in seen or seen.add(name))
+        raise ValueError(f"{brief(twice)} is named twice")
+    return obj
+
+
 def _header_entry(path, name, info):
-    try:
-        dtype = info["dtype"]
-        shape = [int(n) for n in info["shape"]]
-        begin, end = (int(n) for n in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: corrupt header entry for tensor {name}: {info!r}") from None
+    """(dtype, shape, begin, end) of one tensor's header entry, each checked against the format."""
+    def corrupt():
+        return CheckpointError(f"{path}: corrupt header entry for tensor {name}: {brief(info)}")
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise corrupt()
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
+        raise corrupt()
     if dtype not in STORAGE:
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {brief(dtype)}")
+    begin, end = offsets
     if begin < 0 or end < begin or any(n < 0 for n in shape):
-        raise CheckpointError(f"{path}: corrupt header entry for tensor {name}: {info!r}")
+        raise corrupt()
+    itemsize = STORAGE[dtype].itemsize
+    problem = shape_problem(shape, itemsize)
+    if problem:
+        raise CheckpointError(f"{path}: tensor {name} has shape {brief(tuple(shape))}: {problem}")
+    if end - begin != math.prod(shape) * itemsize:
+        raise CheckpointError(
+            f"{path}: tensor {name} has {end - begin} bytes, expected "
+            f"{math.prod(shape)} x {itemsize} for shape {tuple(shape)} {dtype}"
+        )
     return dtype, shape, begin, end
+
+
+def _ints(value) -> bool:
+    """True for a JSON list of integers (true and false are not)."""
+    return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in value)
+
+
+def _check_coverage(path, entries, data_len):
+    """The tensors' byte ranges tile the data exactly, as the format requires: no byte is read
+    as two tensors (which would let a small file stand for a large model), none is left over."""
+    covered, previous = 0, None
+    for begin, end, name in sorted((begin, end, name) for name, (_, _, begin, end) in entries.items()):
+        if begin < covered:
+            raise CheckpointError(
+                f"{path}: tensor {name} has data bytes [{begin}, {end}), which overlap those of tensor {previous}"
+            )
+        if begin > covered:
+            raise CheckpointError(f"{path}: data bytes [{covered}, {begin}) belong to no tensor (corrupt header)")
+        covered, previous = end, name
+    if covered != data_len:
+        raise CheckpointError(
+            f"{path}: {data_len - covered} bytes after the last tensor (the header accounts for "
+            f"{covered} of the {data_len} data bytes)"
+        )
 
 
 def write(path, specs: dict, produce, metadata: dict | None = None) -> None:

@@ -26,9 +26,9 @@ import os
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 from .crc32c import crc32c, unmask
-from .dtypes import STORAGE, TF_DATATYPES, TF_UNSUPPORTED
+from .dtypes import STORAGE, TF_DATATYPES, TF_UNSUPPORTED, shape_problem
 
 _FOOTER_SIZE = 48
 _TABLE_MAGIC = 0xDB4775248B80FB57
@@ -298,10 +298,13 @@ class TensorBundle:
         checks each tensor's crc32c, which reads every byte of it.
         """
         shards: dict[int, tuple[str, mmap.mmap | bytes]] = {}
-        tensors = {}
+        tensors, spans = {}, []
         for name in self.entries if names is None else names:
             entry = self._entry(name)
             dtype = STORAGE[TF_DATATYPES[entry.dtype]].newbyteorder(self.byte_order)
+            problem = shape_problem(entry.shape, dtype.itemsize)
+            if problem:
+                raise CheckpointError(f"{self.index_path}: tensor {name} has shape {brief(entry.shape)}: {problem}")
             count = math.prod(entry.shape)
             if entry.size != count * dtype.itemsize:
                 raise CheckpointError(
@@ -325,6 +328,13 @@ class TensorBundle:
                         f"(stored {unmask(entry.crc32c):#010x}, computed {actual:#010x})"
                     )
             tensors[name] = flat.reshape(entry.shape)
+            if entry.size:
+                spans.append((path, entry.offset, entry.offset + entry.size, name))
+        # No byte read as two tensors: a small shard must not stand for a large model.
+        spans.sort()
+        for (path, _, end, first), (same, begin, _, second) in zip(spans, spans[1:]):
+            if same == path and begin < end:
+                raise CheckpointError(f"{path}: tensors {first} and {second} share bytes [{begin}, {end})")
         return tensors
 
     def _entry(self, name: str) -> _BundleEntry:

@@ -57,6 +57,8 @@ def _hf_name(tf_name: str) -> str | None:
 def _checkpoint_prefix(directory: str) -> str:
     """The bundle prefix named by the `checkpoint` file, else `<directory>/model.ckpt`."""
     state = os.path.join(directory, "checkpoint")
+    if not os.path.isfile(state):  # absent, or a named pipe whose reading would wait forever
+        return os.path.join(directory, DEFAULT_PREFIX)
     try:
         with open(state, encoding="utf-8") as f:
             text = f.read()
