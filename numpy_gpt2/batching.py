@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import GPT2Error
 from .generate import Sampling, _rng, _StopStrings, next_tokens
+from .ops import log_softmax
 
 
 class QueueFullError(GPT2Error):
@@ -281,9 +282,7 @@ def _token_event(logits, token: int, alternatives: int | None, index: int) -> To
     """The `Token` for `token` drawn from logits [V], with log-probabilities if asked for."""
     if alternatives is None:
         return Token(token, index=index)
-    scores = logits.astype(np.float64)
-    shifted = scores - scores.max()
-    logprobs = shifted - np.log(np.exp(shifted).sum())
+    logprobs = log_softmax(logits.astype(np.float64))
     top = np.argsort(-logprobs, kind="stable")[:alternatives]
     return Token(token, float(logprobs[token]), tuple((int(i), float(logprobs[i])) for i in top), index)
 
