@@ -110,6 +110,13 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    def first_rows(self, n: int) -> "KVCache":
+        """A cache of this one's first n rows, sharing its memory (k, v, key_mask are views); a
+        pass through it writes here, and leaves this cache's `length` for the caller to set."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.key_mask, view.length = self.k[:, :n], self.v[:, :n], self.key_mask[:n], self.length
+        return view
+
 
 @dataclasses.dataclass
 class Trace:
