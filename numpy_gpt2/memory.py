@@ -24,10 +24,10 @@ import sys
 import threading
 import weakref
 
-import numba
 import numpy as np
 
 from .config import GPT2Config
+from .threads import numba_threads
 from .weights import expected_shapes, mapped_file, release_pages
 
 # Below this a result is an ordinary array: glibc reuses small blocks by itself.
@@ -133,7 +133,7 @@ def faulted_in_empty(shape, dtype) -> np.ndarray:
         return array
     # The whole pages inside the array, cut on huge-page boundaries into one range per thread.
     first, last = -(-array.ctypes.data // _PAGE) * _PAGE, (array.ctypes.data + array.nbytes) // _PAGE * _PAGE
-    parts = numba.get_num_threads()
+    parts = numba_threads()
     cuts = [first + (last - first) * i // parts // _HUGE_PAGE * _HUGE_PAGE for i in range(1, parts)]
     bounds = sorted({first, last, *(cut for cut in cuts if first < cut < last)})
     ranges = [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]

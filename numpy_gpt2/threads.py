@@ -18,6 +18,15 @@ unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS say otherwise; Numba follows NUMBA
 the libraries this process has loaded and set through its own setter: OpenBLAS, as NumPy's
 wheels ship it, under any of its symbol prefixes; or MKL).
 
+Waiting threads sleep soon. Numba's OpenMP layer (GNU libgomp) lets a thread that waits for
+work, or for the others at the end of a parallel loop, spin for about 9 ms (300,000 rounds of
+its wait loop) before it sleeps. A decoding step is about 60 short parallel loops; when another
+program holds a core, our thread on it is descheduled for a time slice, and the spinning of the
+others keeps it from getting a core back: one loop after another waits out a slice. So Numba's
+threads are started (`start_numba_threads`, on first use, never on import) with libgomp's spin
+cut to GOMP_SPINCOUNT=1000 rounds, about 30 us: longer than the gaps between a step's loops,
+much shorter than a time slice (see docs/performance.md, "Threads on a busy machine").
+
 Which of OpenBLAS's kernel sets the products use can be chosen here too, by an explicit call
 that changes the whole process's NumPy (`choose_blas_kernels`, which the command line makes):
 on AMD Zen 4 its AVX2 kernels are faster than the AVX-512 ones it picks by itself. Importing
@@ -51,12 +60,7 @@ def _blas_handle():
     recognised."""
     import numpy  # noqa: F401  -- make sure NumPy's BLAS is loaded before we look for it
 
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps
-                            if ".so" in line and ("blas" in line.lower() or "mkl_rt" in line)})
-    except OSError:
-        paths = []
+    paths = [path for path in _loaded_libraries() if "blas" in path.lower() or "mkl_rt" in path]
     for path in paths:
         try:
             lib = ctypes.CDLL(path)
@@ -67,6 +71,16 @@ def _blas_handle():
         if setter is not None:
             return lib, setter, getter
     return None, None, None
+
+
+def _loaded_libraries() -> list:
+    """The paths of the shared libraries this process has loaded, sorted; [] where
+    /proc/self/maps cannot be read (not Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split()[-1] for line in maps if ".so" in line})
+    except OSError:
+        return []
 
 
 def _blas_library():
@@ -152,6 +166,53 @@ def _zen_with_half_width_avx512(cpu_info: str) -> bool:
             and "avx512f" in fields.get("flags", "").split())
 
 
+# Rounds of libgomp's wait loop (a pause instruction each) before a waiting thread sleeps.
+_GOMP_SPINCOUNT = "1000"
+_numba_started = False
+
+
+def start_numba_threads() -> None:
+    """Start Numba's threading layer, once, with OpenMP's waiting threads sleeping soon (see
+    the module's docstring). Every use of Numba's threads in numpy_gpt2 comes here first;
+    importing numpy_gpt2 starts no threads.
+
+    libgomp reads GOMP_SPINCOUNT when it is loaded, which is when Numba starts its OpenMP layer,
+    so the variable is set for that moment only: afterwards the environment is as it was, for
+    child processes and for any library loaded later. Nothing is set where the user chose the
+    wait (OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment), or where libgomp was loaded
+    before: it has read its settings already. Numba's other layers (workqueue, tbb) do not read
+    it; workqueue's threads wait on a condition variable, without spinning.
+
+    Started here before the first call of a cached function that is not parallel itself but
+    calls parallel ones (`decode._decode_block`): loaded from the cache, such a function does not
+    start the layer, and its parallel loops then crash the process (numba issue #8578: a segfault
+    on the first decoding step of a process whose cache earlier processes filled).
+    """
+    global _numba_started
+    if _numba_started:
+        return
+    with _pool_lock:
+        if _numba_started:
+            return
+        choose = (not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys()
+                  and not any(os.path.basename(path).startswith("libgomp") for path in _loaded_libraries()))
+        if choose:
+            os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
+        try:
+            numba.get_num_threads()
+        finally:
+            if choose:
+                del os.environ["GOMP_SPINCOUNT"]
+        _numba_started = True
+
+
+def numba_threads() -> int:
+    """The number of threads Numba's parallel loops use in this thread, its layer started first
+    (`start_numba_threads`)."""
+    start_numba_threads()
+    return numba.get_num_threads()
+
+
 _parts = None  # threads for run_in_parts: set_threads(n), else the BLAS's own count (see _part_count)
 _pool, _pool_size = None, 0  # the other parts' threads, made on first use
 _pool_lock = threading.Lock()
@@ -171,6 +232,7 @@ def set_threads(n: int) -> None:
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(n)
     # Numba's pool has one thread per core (NUMBA_NUM_THREADS) and cannot grow past it.
+    start_numba_threads()
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     setter, _ = _blas_library()
     if setter is not None:
@@ -219,7 +281,7 @@ def blas_single_threaded_parts():
     if setter is None or getter is None:
         yield 1
         return
-    parts = max(1, min(_part_count(getter), numba.get_num_threads()))  # before the BLAS is set to 1
+    parts = max(1, min(_part_count(getter), numba_threads()))  # before the BLAS is set to 1
     with _blas_single_threaded(setter, getter):
         yield parts
 

@@ -277,3 +277,69 @@ def test_decode_block_from_a_cache_filled_by_earlier_processes(tiny_ref, tmp_pat
         done = subprocess.run([sys.executable, "-c", _CACHE_STEP, step, str(tiny_ref.hub_dir)], env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"step {step}: exit {done.returncode}\n{done.stderr[-2000:]}"
+
+
+# ---- waiting threads on a busy machine (issue 19) ------------------------------------------
+# libgomp's own report of the settings it read when it was loaded (OMP_DISPLAY_ENV), from a
+# fresh process that starts Numba's threads through numpy_gpt2; then whether the environment
+# still holds GOMP_SPINCOUNT, and Numba's threading layer.
+_START_THREADS = """
+import os
+from numpy_gpt2 import threads
+threads.start_numba_threads()
+import numba
+print("GOMP_SPINCOUNT" in os.environ, os.environ.get("GOMP_SPINCOUNT"), numba.threading_layer())
+"""
+
+
+def _libgomp_report(code, **env):
+    """(libgomp's settings as it printed them, stdout) of `code` in a fresh process whose
+    environment is this one's without any OpenMP wait setting, plus `env`."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", code], env={**base, "OMP_DISPLAY_ENV": "verbose", **env},
+                          capture_output=True, text=True, check=True)
+    settings = dict(line.strip().split(" = ", 1) for line in done.stderr.splitlines() if " = '" in line)
+    return {k: v.strip("'") for k, v in settings.items()}, done.stdout.split()
+
+
+def _needs_libgomp(stdout):
+    if stdout[-1] != "omp":
+        pytest.skip(f"Numba runs its {stdout[-1]} threading layer here, not OpenMP")
+
+
+def test_numbas_openmp_threads_sleep_soon_and_the_environment_is_left_as_it_was():
+    """Started through numpy_gpt2, libgomp reports the short spin (1000 rounds of its wait loop,
+    not its own 300,000) and no GOMP_SPINCOUNT is left behind for child processes."""
+    settings, stdout = _libgomp_report(_START_THREADS)
+    _needs_libgomp(stdout)
+    assert settings["GOMP_SPINCOUNT"] == threads._GOMP_SPINCOUNT == "1000"
+    assert stdout[:2] == ["False", "None"]
+
+
+@pytest.mark.parametrize("env, spin", [({"GOMP_SPINCOUNT": "7"}, "7"),
+                                       ({"OMP_WAIT_POLICY": "active"}, None)])
+def test_a_wait_the_user_chose_is_kept(env, spin):
+    settings, stdout = _libgomp_report(_START_THREADS, **env)
+    _needs_libgomp(stdout)
+    if spin is None:  # OMP_WAIT_POLICY=active: libgomp's own spin for it, not numpy_gpt2's
+        assert settings["OMP_WAIT_POLICY"] == "ACTIVE" and settings["GOMP_SPINCOUNT"] != threads._GOMP_SPINCOUNT
+    else:
+        assert settings["GOMP_SPINCOUNT"] == spin
+    assert stdout[1] == env.get("GOMP_SPINCOUNT", "None")  # the user's variable stays set
+
+
+def test_importing_starts_no_openmp_and_sets_nothing():
+    """`import numpy_gpt2` and its threads module load no OpenMP (libgomp prints nothing) and
+    leave the environment unchanged."""
+    settings, stdout = _libgomp_report("import os\nbefore = dict(os.environ)\nimport numpy_gpt2\n"
+                                       "from numpy_gpt2 import threads, GPT2\nprint(dict(os.environ) == before)\n")
+    assert settings == {} and stdout == ["True"]
+
+
+def test_a_model_loaded_first_starts_numbas_threads_with_the_short_spin(tiny_ref):
+    """The first use in a process is often the load or a prompt, not a decoding step."""
+    settings, stdout = _libgomp_report(f"from numpy_gpt2 import GPT2\nimport numpy as np, numba\n"
+                                       f"GPT2.from_pretrained({str(tiny_ref.hub_dir)!r})(np.arange(30))\n"
+                                       f"print(numba.threading_layer())\n")
+    _needs_libgomp(stdout)
+    assert settings["GOMP_SPINCOUNT"] == "1000"

@@ -14,7 +14,7 @@ import math
 import numba
 import numpy as np
 
-from ..threads import blas_single_threaded_parts, run_in_parts
+from ..threads import blas_single_threaded_parts, run_in_parts, start_numba_threads
 from .blas import GEMM_ADDRESS, blas_rows, gemm
 from .common import FEW_ROWS, JIT
 from .decode import attend_over_cache, attend_over_cache_parallel
@@ -44,6 +44,7 @@ def causal_attention(q, k, v, key_mask, start, scale, workspace=None, new_k=None
     at most FEW_ROWS rows the step's products run in Numba's pool too, and so does this pass.
     """
     B, T, H, D = q.shape
+    start_numba_threads()
     empty = np.empty if workspace is None else workspace.empty
     address = GEMM_ADDRESS.get(q.dtype.type)
     in_pool = (T > 1 and address is not None and q.dtype == k.dtype == v.dtype

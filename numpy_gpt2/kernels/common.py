@@ -1,12 +1,13 @@
 """What every kernel shares: the Numba options, the row counts that choose a path, and the
-start of Numba's threads.
+start of Numba's threads (`threads.start_numba_threads`, imported here for the kernels).
 
 Every jitted function has `cache=True`: the compile cost is paid once per machine, not once per
 process.
 """
 
-import numba
 import numpy as np
+
+from ..threads import start_numba_threads  # noqa: F401  -- the kernels' import of it
 
 # error_model="numpy": a float division by zero gives inf as in NumPy instead of raising, which
 # removes a branch from every division and lets loops vectorise.
@@ -23,24 +24,6 @@ PARALLEL = dict(FAST, parallel=True)
 # layernorms also share the rows between threads.
 FEW_ROWS = 8
 THIN_ROWS = 64
-
-_threads_started = False
-
-
-def start_numba_threads() -> None:
-    """Start Numba's threading layer, once, before the first call of a cached function that is
-    not parallel itself but calls parallel ones (`decode._decode_block`).
-
-    Loaded from the cache, such a function does not start the layer, and its parallel loops then
-    crash the process (numba issue #8578: a segfault on the first decoding step of a process
-    whose cache earlier processes filled). Started here, on the package's first use of it,
-    rather than on import: importing numpy_gpt2 starts no threads.
-    """
-    global _threads_started
-    if not _threads_started:
-        numba.get_num_threads()
-        _threads_started = True
-
 
 def transposed_contiguous(weight):
     """weight: [K, N] as the maths has it -> weight_t: [N, K], C-contiguous, one row per output:

@@ -11,6 +11,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
+from ..threads import numba_threads
 from .common import FAST, JIT, THIN_ROWS
 from .float32math import tanh_float32
 
@@ -57,7 +58,7 @@ def layer_norm(x, gamma, beta, eps, workspace=None):
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
     out = (np.empty if workspace is None else workspace.empty)(rows.shape, rows.dtype)
     if len(rows) > THIN_ROWS:
-        _layer_norm_rows_in_pool(rows, gamma, beta, float(eps), out, numba.get_num_threads())
+        _layer_norm_rows_in_pool(rows, gamma, beta, float(eps), out, numba_threads())
     else:
         layer_norm_rows(rows, gamma, beta, float(eps), out)
     return out.reshape(x.shape)

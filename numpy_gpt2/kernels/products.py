@@ -23,7 +23,7 @@ import enum
 import numba
 import numpy as np
 
-from ..threads import blas_single_threaded_parts, run_in_parts
+from ..threads import blas_single_threaded_parts, run_in_parts, start_numba_threads
 from .blas import GEMM_ADDRESS, gemm
 from .common import FEW_ROWS, JIT, THIN_ROWS, transposed_contiguous
 from .decode import few_rows_matmul
@@ -94,6 +94,7 @@ def _product(rows, weight_t, out, band, bias, product=None):
     """out: [M, N] from rows: [M, K] @ weight_t.T as `band` says (see `Band`), by the path for M
     rows (see the module's docstring); product: [M, N] scratch for Band.THEN_GELU."""
     M, N = len(rows), weight_t.shape[0]
+    start_numba_threads()
     if _recorded is not None:
         _recorded.append((M, weight_t))
     dtype = out.dtype.type
