@@ -139,7 +139,9 @@ def markdown_table(results: dict) -> str:
         f"on average, {run._rate(one['tokens_per_cpu_s'])} tokens per CPU second), the workers "
         f"{many['cpu_seconds']:.1f} s ({many['cores_used']:.2f} cores, {run._rate(many['tokens_per_cpu_s'])} tokens "
         f"per CPU second). The ratio reaches {s['workers']}x only where the machine gives the workers "
-        f"{s['workers']} cores; the load average below counts the other processes that share them.",
+        f"{s['workers']} cores: under Linux's autogroup scheduling (/proc/sys/kernel/sched_autogroup_enabled) "
+        "the CPU is shared between sessions, and the workers, of this session, get one session's share "
+        "while other sessions are busy (the load average below).",
         f"- Output files of the two sides: {'the same bytes' if results['same_output'] else 'DIFFERENT, so the row is a MISS'}.",
         "",
         run.machine_line(results),
