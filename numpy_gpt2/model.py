@@ -115,8 +115,10 @@ def _narrow(tensors, name: str, weights: str) -> narrow.NarrowMatrix:
     if weights == "int8" and isinstance(tensors, _Converted) and (stored := tensors.stored_int8(name)) is not None:
         return stored
     array = tensors[name]
-    matrix = narrow.narrow_matrix(array if name == "wte.weight" else array.T, weights)
-    release_pages(array)  # a view of a float32 file: its pages are not needed any more
+    # A view of a float32 file: each band's pages are handed back once it is converted (wte's
+    # bands are contiguous in the file; the blocks' matrices, transposed, go whole after).
+    matrix = narrow.narrow_matrix(array if name == "wte.weight" else array.T, weights, done=release_pages)
+    release_pages(array)
     return matrix
 
 

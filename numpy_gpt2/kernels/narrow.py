@@ -30,9 +30,9 @@ from .products import matmul_transposed as _matmul_transposed
 
 WEIGHTS = ("float32", "bfloat16", "int8")
 GROUP = 32  # int8: consecutive inputs of a row sharing one scale, as llama.cpp's q8_0
-# The tied head [V, C] is widened for a prompt this many rows at a time, so that its float32
-# band stays small (its other matrices are widened whole).
-HEAD_BAND_ROWS = 4096
+# The tied head [V, C] is made narrow at load and widened for a prompt this many rows at a time,
+# so that no float32 copy of all of it is ever made (the blocks' matrices are widened whole).
+BAND_ROWS = 4096
 
 
 class NarrowMatrix:
@@ -84,27 +84,41 @@ class NarrowMatrix:
 
 # ---- making narrow matrices -----------------------------------------------------------------
 
-def bfloat16_matrix(rows) -> NarrowMatrix:
-    """rows: float [N, K] -> their bfloat16, each value rounded to nearest even."""
+def bfloat16_matrix(rows, done=None) -> NarrowMatrix:
+    """rows: float [N, K] -> their bfloat16, each value rounded to nearest even (see `narrow_matrix`)."""
+    return narrow_matrix(rows, "bfloat16", done)
+
+
+def int8_matrix(rows, done=None) -> NarrowMatrix:
+    """rows: float [N, K] -> q8_0: per group of GROUP inputs, d = max |w| / 127 (float32) and
+    q = round(w / d), half to even (see `narrow_matrix`)."""
+    return narrow_matrix(rows, "int8", done)
+
+
+def narrow_matrix(rows, weights: str, done=None) -> NarrowMatrix:
+    """rows: float [N, K] -> a NarrowMatrix of `weights` ("bfloat16" or "int8").
+
+    Made BAND_ROWS rows at a time, so the float32 copies it takes are of a band, not of the
+    matrix; `done(band)`, when given, is called with each band of `rows` once it is converted
+    (for the model to hand back the file pages it came from).
+    """
     from ..weights.dtypes import bfloat16_bits
 
-    return NarrowMatrix("bfloat16", bfloat16_bits(rows))
-
-
-def int8_matrix(rows) -> NarrowMatrix:
-    """rows: float [N, K] -> q8_0: per group of GROUP inputs, d = max |w| / 127 (float32) and
-    q = round(w / d), half to even."""
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
     N, K = rows.shape
-    q = np.empty((N, K), np.int8)
-    scales = np.empty((N, -(-K // GROUP)), np.float32)
-    _quantize_int8(rows, q, scales)
-    return NarrowMatrix("int8", (q, scales))
-
-
-def narrow_matrix(rows, weights: str) -> NarrowMatrix:
-    """rows: float [N, K] -> a NarrowMatrix of `weights` ("bfloat16" or "int8")."""
-    return bfloat16_matrix(rows) if weights == "bfloat16" else int8_matrix(rows)
+    if weights == "bfloat16":
+        stored = np.empty((N, K), np.uint16)
+    else:
+        stored = (np.empty((N, K), np.int8), np.empty((N, -(-K // GROUP)), np.float32))
+    for n0 in range(0, N, BAND_ROWS):
+        band = rows[n0:n0 + BAND_ROWS]
+        if weights == "bfloat16":
+            stored[n0:n0 + BAND_ROWS] = bfloat16_bits(band)
+        else:
+            _quantize_int8(np.ascontiguousarray(band, dtype=np.float32), stored[0][n0:n0 + BAND_ROWS],
+                           stored[1][n0:n0 + BAND_ROWS])
+        if done is not None:
+            done(band)
+    return NarrowMatrix(weights, stored)
 
 
 @numba.njit(**PARALLEL)
@@ -285,7 +299,7 @@ def matmul_transposed(x, weight, out=None, workspace=None):
     """`products.matmul_transposed` with a NarrowMatrix, the tied head: x: [..., K] @ weight.T,
     weight [N, K] -> [..., N] (into `out` when given).
 
-    Up to FEW_ROWS rows by `rows_matmul`; more, HEAD_BAND_ROWS rows of the head widened at a
+    Up to FEW_ROWS rows by `rows_matmul`; more, BAND_ROWS rows of the head widened at a
     time (into memory from `workspace` when given), each band's product by the BLAS.
     """
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
@@ -296,7 +310,7 @@ def matmul_transposed(x, weight, out=None, workspace=None):
     if len(rows) <= FEW_ROWS:
         rows_matmul(rows, weight.stored, flat)
         return out
-    band_rows = min(N, HEAD_BAND_ROWS)
+    band_rows = min(N, BAND_ROWS)
     band = (np.empty if workspace is None else workspace.empty)((band_rows, weight.shape[1]), np.float32)
     for n0 in range(0, N, band_rows):
         n1 = min(N, n0 + band_rows)
