@@ -265,7 +265,12 @@ def test_int8_file_round_trip(tiny_ref, tmp_path, capsys):
     np.testing.assert_array_equal(file.tensors["h.2.mlp.c_fc.weight.scales"], scales_ref)
     assert file.dtypes["h.2.mlp.c_fc.bias"] == "F32" and file.dtypes["wpe.weight"] == "F32"
 
-    loaded = GPT2.from_pretrained(tmp_path / "q8")
+    def quantizing(*args):
+        raise AssertionError("the int8 file was quantized again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(narrow, "_quantize_int8", quantizing)
+        loaded = GPT2.from_pretrained(tmp_path / "q8")
     assert loaded.weights == "int8"
     np.testing.assert_array_equal(loaded.h[2].mlp.c_fc.weight.stored[0], q_ref)
     ids = np.random.default_rng(1).integers(0, 1000, (1, 12))
