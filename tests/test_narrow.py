@@ -361,3 +361,27 @@ def test_bundled_model_perplexity_and_greedy_text_with_narrow_weights(tmp_path_f
         print(f"\nfortunes {kind}: perplexity {perplexity[kind]:.2f} vs float32 {perplexity['float32']:.2f} "
               f"({change:+.2%}); greedy tokens equal to float32's: {same} of {greedy[kind].size}")
         assert abs(change) <= bound
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_cli_generate_with_narrow_weights_is_the_api_s_greedy_text(tiny_ref, kind, capsys, monkeypatch):
+    """`generate --weights` loads the model with those weights and prints the API's greedy
+    continuation with them; `info --weights` says which weights it holds."""
+    from numpy_gpt2 import Tokenizer
+
+    asked = []
+    load = GPT2.from_pretrained.__func__
+    monkeypatch.setattr(GPT2, "from_pretrained",
+                        classmethod(lambda cls, *args, **kw: asked.append(kw.get("weights")) or load(cls, *args, **kw)))
+
+    tokenizer = Tokenizer.default()
+    prompt = "I am a man and"  # GPT-2 ids below the tiny vocabulary of 1000
+    ids = tokenizer.encode(prompt)
+    model = GPT2.from_pretrained(tiny_ref.hub_dir, weights=kind)
+    continuation = model.generate(np.array(ids), 12, eos_token_id=None)[0, len(ids):]
+    assert main(["generate", prompt, "--model", str(tiny_ref.hub_dir), "--weights", kind, "--greedy",
+                 "--max-new-tokens", "12", "--no-stream", "--no-eos"]) == 0
+    assert capsys.readouterr().out == prompt + tokenizer.decode(continuation.tolist()) + "\n"
+    assert asked == [kind, kind]
+    assert main(["info", "--model", str(tiny_ref.hub_dir), "--weights", kind]) == 0
+    assert f"weights              {kind} (" in capsys.readouterr().out
