@@ -13,9 +13,9 @@ them in bfloat16, a bit over a quarter in int8. The arithmetic stays float32.
 Both live in a `NarrowMatrix`. Up to FEW_ROWS rows (decoding) a product reads the narrow rows
 directly (`rows_matmul`: a bfloat16 row widened into a float32 row buffer in L1, then dotted;
 an int8 group summed as float32(q) * x, then scaled), accumulating in float32. Many rows (a
-prompt) widen the matrix into a float32 buffer, a band of rows at a time, that the BLAS
-multiplies as it multiplies float32 weights (`linear`, `linear_gelu`, `matmul_transposed`,
-the twins of `products`' functions for a NarrowMatrix).
+prompt) widen the matrix into a float32 buffer (the tied head a band of BAND_ROWS rows at a
+time) that the BLAS multiplies as it multiplies float32 weights (`linear`, `linear_gelu`,
+`matmul_transposed`, the twins of `products`' functions for a NarrowMatrix).
 """
 
 import numba
