@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             loaded["torch"] = bench_engines.TorchEngine(path, args.threads)
         except ImportError as exc:
             notes.append(f"torch column skipped: {exc}")
-    long_prompt = max(sizes.prefill)
+    long_prompt = 512 if 512 in sizes.prefill else max(sizes.prefill)
     cases = [run.Case("decode_b1_p8", f"decode batch 1, 8-token prompt, {sizes.new_tokens} new", "decode", 1, 8,
                       sizes.new_tokens),
              run.Case(f"prefill_{long_prompt}_last", f"prefill {long_prompt}, last logits", "prefill", 1,

@@ -75,7 +75,7 @@ def rows_matmul(x, rows, out):
     from . import narrow
 
     if isinstance(rows, tuple):
-        narrow.int8_rows_matmul(x, rows[0], rows[1], out)
+        narrow.int8_rows_matmul(x, rows[0], rows[1], narrow.GROUP, out)
     elif rows.dtype == np.uint16:
         narrow.bfloat16_rows_matmul(x, rows, out)
     else:
@@ -84,10 +84,12 @@ def rows_matmul(x, rows, out):
 
 @overload(rows_matmul, jit_options=FAST)
 def _rows_matmul_typed(x, rows, out):
-    from .narrow import bfloat16_rows_matmul, int8_rows_matmul
+    from .narrow import GROUP, bfloat16_rows_matmul, int8_rows_matmul
 
     if isinstance(rows, numba.types.BaseTuple):
-        return lambda x, rows, out: int8_rows_matmul(x, rows[0], rows[1], out)
+        # The group size as a value known only at run time (N >= 1 rows: GROUP), so that the
+        # kernel is not compiled for the constant, which LLVM unrolls into scalar code.
+        return lambda x, rows, out: int8_rows_matmul(x, rows[0], rows[1], GROUP * min(1, rows[0].shape[0]), out)
     if rows.dtype == numba.types.uint16:
         return lambda x, rows, out: bfloat16_rows_matmul(x, rows, out)
     return lambda x, rows, out: few_rows_matmul(x, rows, out)

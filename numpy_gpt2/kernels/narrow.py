@@ -69,7 +69,7 @@ class NarrowMatrix:
         if self.kind == "bfloat16":
             _widen_bfloat16(self.stored, n0, n1, out)
         else:
-            _widen_int8(*self.stored, n0, n1, out)
+            _widen_int8(*self.stored, GROUP, n0, n1, out)
         return out
 
     def take(self, ids, out) -> np.ndarray:
@@ -78,7 +78,7 @@ class NarrowMatrix:
         if self.kind == "bfloat16":
             _take_bfloat16(self.stored, flat_ids, flat_out)
         else:
-            _take_int8(*self.stored, flat_ids, flat_out)
+            _take_int8(*self.stored, GROUP, flat_ids, flat_out)
         return out
 
 
@@ -155,13 +155,13 @@ def _widen_bfloat16(bits, n0, n1, out):
 
 
 @numba.njit(**PARALLEL)
-def _widen_int8(q, scales, n0, n1, out):
+def _widen_int8(q, scales, group, n0, n1, out):
     """out [n1 - n0, K] float32 = q[n0:n1] * its groups' scales (one rounding each)."""
     K = q.shape[1]
     for n in numba.prange(n1 - n0):
         for g in range(scales.shape[1]):
             d = scales[n0 + n, g]
-            for k in range(g * GROUP, min(K, (g + 1) * GROUP)):
+            for k in range(g * group, min(K, (g + 1) * group)):
                 out[n, k] = np.float32(q[n0 + n, k]) * d
 
 
@@ -174,12 +174,12 @@ def _take_bfloat16(bits, ids, out):
 
 
 @numba.njit(**FAST)
-def _take_int8(q, scales, ids, out):
+def _take_int8(q, scales, group, ids, out):
     K = q.shape[1]
     for i in range(len(ids)):
         for g in range(scales.shape[1]):
             d = scales[ids[i], g]
-            for k in range(g * GROUP, min(K, (g + 1) * GROUP)):
+            for k in range(g * group, min(K, (g + 1) * group)):
                 out[i, k] = np.float32(q[ids[i], k]) * d
 
 
@@ -206,51 +206,43 @@ def bfloat16_rows_matmul(x, bits, out):
 
 
 @numba.njit(**PARALLEL)
-def int8_rows_matmul(x, q, scales, out):
-    """out: [M, N] = x: [M, K] @ (q * scales).T, q: int8 [N, K], scales: [N, ceil(K / GROUP)],
-    for a few rows M.
+def int8_rows_matmul(x, q, scales, group, out):
+    """out: [M, N] = x: [M, K] @ (q * scales).T, q: int8 [N, K], scales: [N, ceil(K / group)],
+    for a few rows M; group: GROUP, passed in for the sake of the loop (see below).
 
     Each group's sum of float32(q) * x is made first, then scaled by d and added to the row's
     sum: the same value as the dot product with the dequantized row, summed in another order
-    (one multiplication by d a group instead of one a weight). The loop over a group has a
-    trip count known only at run time, which LLVM vectorises (a constant 32 it unrolls into
-    scalar code instead).
+    (one multiplication by d a group instead of one a weight). The loop over a group must have
+    a trip count LLVM cannot know when compiling, which it vectorises: with the constant GROUP
+    it unrolls the loop into scalar code, ten times slower.
     """
     N, K = q.shape
     M = x.shape[0]
     n_groups = scales.shape[1]
+    whole = K // group  # groups of `group` inputs; a last, shorter one when n_groups > whole
     n_blocks = min(N, 256)
     per_block = (N + n_blocks - 1) // n_blocks
-    zero = np.float32(0)
     for block in numba.prange(n_blocks):
         for n in range(block * per_block, min(N, (block + 1) * per_block)):
-            m = 0
-            while m + 4 <= M:
-                a0 = a1 = a2 = a3 = zero
-                for g in range(n_groups):
-                    s0 = s1 = s2 = s3 = zero
-                    for k in range(g * GROUP, min(K, (g + 1) * GROUP)):
-                        w = np.float32(q[n, k])
-                        s0 += w * x[m, k]
-                        s1 += w * x[m + 1, k]
-                        s2 += w * x[m + 2, k]
-                        s3 += w * x[m + 3, k]
-                    d = scales[n, g]
-                    a0 += s0 * d
-                    a1 += s1 * d
-                    a2 += s2 * d
-                    a3 += s3 * d
-                out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = a0, a1, a2, a3
-                m += 4
-            while m < M:
-                a0 = zero
-                for g in range(n_groups):
-                    s0 = zero
-                    for k in range(g * GROUP, min(K, (g + 1) * GROUP)):
-                        s0 += np.float32(q[n, k]) * x[m, k]
-                    a0 += s0 * scales[n, g]
-                out[m, n] = a0
-                m += 1
+            # One row of x at a time, the row of q staying in L1 for the next. The whole groups
+            # first, each loop `range(group)` over 1-D rows: a bound such as min(group, K - k0)
+            # leaves it scalar. Then the shorter last group, if any.
+            q_row = q[n]
+            for m in range(M):
+                x_row = x[m]
+                total = np.float32(0)
+                for g in range(whole):
+                    k0 = g * group
+                    part = np.float32(0)
+                    for j in range(group):
+                        part += np.float32(q_row[k0 + j]) * x_row[k0 + j]
+                    total += part * scales[n, g]
+                if whole < n_groups:
+                    part = np.float32(0)
+                    for k in range(whole * group, K):
+                        part += np.float32(q_row[k]) * x_row[k]
+                    total += part * scales[n, whole]
+                out[m, n] = total
 
 
 # ---- the products of a forward pass --------------------------------------------------------
