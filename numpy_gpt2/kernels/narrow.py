@@ -158,11 +158,15 @@ def _widen_bfloat16(bits, n0, n1, out):
 def _widen_int8(q, scales, group, n0, n1, out):
     """out [n1 - n0, K] float32 = q[n0:n1] * its groups' scales (one rounding each)."""
     K = q.shape[1]
+    whole = K // group  # the loop shapes of `int8_rows_matmul`, which vectorise
     for n in numba.prange(n1 - n0):
-        for g in range(scales.shape[1]):
-            d = scales[n0 + n, g]
-            for k in range(g * group, min(K, (g + 1) * group)):
-                out[n, k] = np.float32(q[n0 + n, k]) * d
+        q_row, out_row = q[n0 + n], out[n]
+        for g in range(whole):
+            d, k0 = scales[n0 + n, g], g * group
+            for j in range(group):
+                out_row[k0 + j] = np.float32(q_row[k0 + j]) * d
+        for k in range(whole * group, K):
+            out_row[k] = np.float32(q_row[k]) * scales[n0 + n, whole]
 
 
 @numba.njit(**FAST)
