@@ -143,6 +143,15 @@ def table(results: dict) -> str:
         lines.append(f"| {w} | {b['bytes_per_step'] / 1e6:.0f} MB | {b['seconds'] * 1e3:.1f} ms | "
                      f"{b['bytes_per_s'] / 1e9:.1f} | {run._rate(b['tokens_per_s_ceiling'])} | "
                      f"{b['compute']['macs_per_s'] / 1e9:.1f} | {run._rate(b['compute']['tokens_per_s_ceiling'])} |")
+    if "peak_rss" in results:
+        # The process around the weights (Python, NumPy, Numba, the tokenizer, buffers) is the
+        # same whatever the weights: float32's peak less its matrices.
+        rest = results["peak_rss"]["float32"]["median"] - results["bounds"]["float32"]["bytes_per_step"]
+        floors = {w: (rest + results["bounds"][w]["bytes_per_step"]) / results["peak_rss"]["float32"]["median"]
+                  for w in ("bfloat16", "int8")}
+        lines += ["", f"What bounds peak RSS: float32's process less its matrices is {run._mib(rest)}; with the "
+                  "narrow matrices' bytes added that floor is " + ", ".join(f"{w} {r:.2f}x" for w, r in floors.items())
+                  + " of float32's peak."]
     lines += ["", *(f"- {n}" for n in results["notes"])] if results["notes"] else []
     lines += ["", run.machine_line(results)]
     return "\n".join(lines) + "\n"
