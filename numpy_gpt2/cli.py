@@ -74,6 +74,10 @@ def _add_model_args(parser):
                              "(default: gpt2 if found, else fortunes)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="compute dtype (default: float32)")
+    parser.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default=None,
+                        help="how the weight matrices are kept: float32, bfloat16 (half the bytes, faster "
+                             "decoding) or int8 (a quarter of the bytes, fastest); computing stays float32 "
+                             "(default: a bfloat16 or int8 file's own, else float32)")
     parser.add_argument("--n-head", type=_positive_int, default=None,
                         help="number of heads, for a bare .safetensors file of no preset size")
 
@@ -135,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="the directory to write, or a .bin path for llm.c")
     conv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                       help="stored dtype (default: float32; float16 halves the file; llm.c: float32 or bfloat16)")
+    conv.add_argument("--weights", choices=("int8",), default=None,
+                      help="int8: the matrices quantized once (groups of 32, llama.cpp's q8_0) into a file a "
+                           "quarter the size that numpy-gpt2 loads as int8 weights; transformers cannot load it")
     conv.add_argument("--n-head", type=_positive_int, default=None,
                       help="number of heads, for a bare weight file of no preset size")
     conv.add_argument("--force", action="store_true", help="overwrite a model already at DST")
@@ -181,13 +188,13 @@ def _cmd_serve(args):
         from .threads import set_threads
 
         set_threads(args.threads)
-    path = _resolve(args.model, args.n_head)
+    path, weights = _resolve(args.model, args.n_head), _weights(args)
 
     def load():
         from .model import GPT2
         from .tokenizer import Tokenizer
 
-        model = GPT2.from_pretrained(path, dtype=args.dtype, n_head=args.n_head)
+        model = GPT2.from_pretrained(path, dtype=args.dtype, n_head=args.n_head, weights=weights)
         name = args.model or os.path.basename(os.path.normpath(path))
         return model, Tokenizer.from_pretrained(path), name
 
@@ -395,7 +402,7 @@ def _cmd_generate(args):
 
 
 def _model_and_tokenizer(args, kernels=True):
-    """--model, --n-head, --dtype -> the GPT2 and its Tokenizer. kernels: whether the command
+    """--model, --n-head, --dtype, --weights -> the GPT2 and its Tokenizer. kernels: whether the command
     runs the compiled kernels (the first run then says it compiles them), not only `trace`."""
     from .model import GPT2
     from .tokenizer import Tokenizer
@@ -406,8 +413,16 @@ def _model_and_tokenizer(args, kernels=True):
     # The tokenizer's files are parsed while the weights are copied, mostly outside the GIL.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         tokenizer = pool.submit(Tokenizer.from_pretrained, path)
-        model = GPT2.from_pretrained(path, dtype=args.dtype, n_head=args.n_head)
+        model = GPT2.from_pretrained(path, dtype=args.dtype, n_head=args.n_head, weights=_weights(args))
         return model, tokenizer.result()
+
+
+def _weights(args):
+    """--weights, checked against --dtype in the CLI's own terms."""
+    weights = getattr(args, "weights", None)  # the commands without the flag load as the file stores
+    if args.dtype == "float64" and weights not in (None, "float32"):
+        raise GPT2Error(f"--weights {weights} computes in float32: --dtype float64 needs --weights float32")
+    return weights
 
 
 def _say_if_compiling():
@@ -457,13 +472,14 @@ def _cmd_info(args):
     checkpoint = load_checkpoint(_resolve(args.model, args.n_head), n_head=args.n_head, verify=args.verify)
     if args.verify:
         print(f"verified {len(checkpoint.tensors)} tensors")
-    model = GPT2.from_checkpoint(checkpoint, dtype=args.dtype)
+    model = GPT2.from_checkpoint(checkpoint, dtype=args.dtype, weights=_weights(args))
     c = model.config
     size = os.path.getsize(model.path) if os.path.isfile(model.path) else None
     lines = [
         ("file", model.path + (f" ({size / 2**20:.1f} MiB)" if size else "")),
         ("parameters", f"{model.num_parameters():,}"),
         ("dtype", str(model.dtype)),
+        ("weights", f"{model.weights} ({_matrix_bytes(model) / 2**20:.1f} MiB of matrices in memory)"),
         ("vocab_size", c.vocab_size), ("n_positions", c.n_positions), ("n_embd", c.n_embd),
         ("n_layer", c.n_layer), ("n_head", c.n_head), ("n_inner", c.inner_dim),
         ("layer_norm_epsilon", c.layer_norm_epsilon), ("activation_function", c.activation_function),
@@ -472,10 +488,20 @@ def _cmd_info(args):
         print(f"{key:20} {value}")
 
 
+def _matrix_bytes(model) -> int:
+    """Bytes of the weight matrices the model holds: the blocks' and the tied head."""
+    matrices = [model.wte] + [lin.weight for b in model.h
+                              for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    return sum(m.nbytes for m in matrices)
+
+
 def _cmd_convert(args):
     from .convert import convert
 
-    print(convert(_resolve(args.src, args.n_head), args.dst, dtype=args.dtype, n_head=args.n_head, force=args.force, verify=args.verify))
+    if args.weights == "int8" and args.dtype != "float32":
+        raise GPT2Error(f"--weights int8 stores the matrices in int8 and the rest in float32; drop --dtype {args.dtype}")
+    print(convert(_resolve(args.src, args.n_head), args.dst, dtype=args.dtype, n_head=args.n_head, force=args.force,
+                  verify=args.verify, weights=args.weights))
 
 
 def _cmd_download(args):
@@ -553,6 +579,10 @@ def _cmd_score(args):
                                  partition_size=args.partition_size or 1000, dtype=args.dtype)
     if args.dask is not None:
         from .cluster import score_on_dask
+
+        if args.weights is not None:
+            raise GPT2Error("--weights is not passed to Dask's workers, which load the file as it is stored; "
+                            "convert it first (numpy-gpt2 convert SRC DST --weights int8) and give --model DST")
         from .weights import load_checkpoint
 
         path = _resolve(args.model, args.n_head)

@@ -1,6 +1,7 @@
 """Write any checkpoint numpy-gpt2 reads as a Hugging Face directory or an llm.c .bin file.
 
-A Hugging Face directory, as transformers' `GPT2LMHeadModel.from_pretrained` loads it:
+A Hugging Face directory, as transformers' `GPT2LMHeadModel.from_pretrained` loads it (with
+int8 weights, model.int8.safetensors in place of model.safetensors: numpy-gpt2's alone):
 
     config.json        GPT2Config.save_json
     model.safetensors  the official hub key layout (wte.weight, h.0.attn.c_attn.weight [in, out], ...)
@@ -23,16 +24,17 @@ from .weights.dtypes import FILE_DTYPE_BY_NAME, encode
 from .weights.llmc import VERSIONS as LLMC_VERSIONS
 from .weights.llmc import write_llmc
 from .weights.resolve import resolve_model
+from .weights.safetensors_file import INT8_FILE, INT8_FORMAT
 from .weights.safetensors_file import write as write_safetensors_file
 
 DTYPES = ("float32", "float16", "bfloat16")
 LLMC_DTYPES = tuple(LLMC_VERSIONS.values())
 # Files whose presence means a directory already holds a model numpy-gpt2 or transformers reads.
-_MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "hparams.json")
+_MODEL_FILES = ("config.json", "model.safetensors", INT8_FILE, "pytorch_model.bin", "hparams.json")
 
 
 def convert(src, dst, dtype: str = "float32", n_head: int | None = None, force: bool = False,
-            verify: bool = False) -> pathlib.Path:
+            verify: bool = False, weights: str | None = None) -> pathlib.Path:
     """Convert the checkpoint `src` (any format `load_checkpoint` reads, or a model name) to `dst`.
 
     `dst` ending in `.bin` is written as an llm.c checkpoint (float32 or bfloat16); anything
@@ -40,15 +42,24 @@ def convert(src, dst, dtype: str = "float32", n_head: int | None = None, force: 
     float32, float16 (half the size) or bfloat16. `dst` must not already hold a model unless
     `force`. `verify` checks the source first as `load_checkpoint(verify=True)` does (every
     TensorFlow tensor's crc32c). Every file is written atomically. Returns the path written.
+    `weights="int8"` writes the matrices quantized (`write_int8_safetensors`) into a Hugging
+    Face directory only numpy-gpt2 loads; `dtype` must then be float32 (the rest is stored so).
     """
     if dtype not in DTYPES:
         raise GPT2Error(f"dtype must be one of {', '.join(DTYPES)}, found {dtype!r}")
+    if weights not in (None, "float32", "int8"):
+        raise GPT2Error(f"weights must be 'int8' or None, found {weights!r}")
+    int8 = weights == "int8"
+    if int8 and dtype != "float32":
+        raise GPT2Error(f"weights='int8' stores the matrices in int8 and the rest in float32, not {dtype}")
     src = pathlib.Path(resolve_model(src))
     dst = pathlib.Path(dst)
     to_llmc = dst.suffix == ".bin"
-    outputs = [dst] if to_llmc else [dst, dst / "model.safetensors"]
+    outputs = [dst] if to_llmc else [dst, dst / "model.safetensors", dst / INT8_FILE]
     if any(src.resolve() == out.resolve() for out in outputs):
         raise GPT2Error(f"{dst}: is the source itself; convert to another file or directory")
+    if to_llmc and int8:
+        raise GPT2Error(f"{dst}: llm.c has no int8 format; convert to a directory for int8 weights")
     if to_llmc and dtype not in LLMC_DTYPES:
         raise GPT2Error(f"{dst}: llm.c stores {' or '.join(LLMC_DTYPES)}, not {dtype}")
     _check_destination(dst, to_llmc, force)
@@ -58,7 +69,10 @@ def convert(src, dst, dtype: str = "float32", n_head: int | None = None, force: 
         write_llmc(checkpoint, dst, dtype)
         return dst
     dst.mkdir(parents=True, exist_ok=True)
-    write_safetensors(checkpoint, dst / "model.safetensors", dtype)
+    if int8:
+        write_int8_safetensors(checkpoint, dst / INT8_FILE)
+    else:
+        write_safetensors(checkpoint, dst / "model.safetensors", dtype)
     _copy_tokenizer(src, dst)
     # The hub file also holds h.{i}.attn.bias, the causal mask as a buffer. It is left out:
     # transformers builds the mask itself and lists "attn.bias" in GPT2's
@@ -97,6 +111,47 @@ def write_safetensors(checkpoint: Checkpoint, path, dtype: str = "float32") -> N
         return encode(checkpoint.array(name, np.float32), file_dtype, path, name)
 
     write_safetensors_file(path, specs, stored, metadata={"format": "pt"})
+
+
+def write_int8_safetensors(checkpoint: Checkpoint, path) -> None:
+    """Write `checkpoint` as a numpy-gpt2 int8 .safetensors file, atomically: each matrix (the
+    blocks' and wte) as NAME.q, int8 [out, in] rows, and NAME.scales, float32 [out, in / 32],
+    quantized as `kernels.narrow.int8_matrix` does (an int8 checkpoint's own kept as they are);
+    wpe, the biases and the layernorms as float32.
+
+    The metadata's "format" is not "pt": transformers refuses the file rather than misread it.
+    """
+    from .kernels.narrow import GROUP, int8_matrix
+
+    shapes = expected_shapes(checkpoint.config)
+    specs = {}
+    for name, shape in shapes.items():
+        if len(shape) == 2 and name != "wpe.weight":
+            rows = shape if name == "wte.weight" else shape[::-1]
+            specs[name + ".q"] = ("I8", rows)
+            specs[name + ".scales"] = ("F32", (rows[0], -(-rows[1] // GROUP)))
+        else:
+            specs[name] = ("F32", shape)
+    last = {}  # the matrix whose .q was just written, for its .scales next
+
+    def stored(key):
+        if key in shapes:
+            return np.ascontiguousarray(checkpoint.array(key, np.float32))
+        name, part = key.rsplit(".", 1)
+        if part == "q":
+            if name in checkpoint.quantized:
+                last[name] = checkpoint.quantized[name]
+            else:
+                array = checkpoint.array(name, np.float32)
+                last[name] = int8_matrix(array if name == "wte.weight" else array.T).stored
+            return last[name][0]
+        return last.pop(name)[1]
+
+    metadata = {"format": INT8_FORMAT, "weights": "int8", "group_size": str(GROUP),
+                "note": "GPT-2 with int8 weights (llama.cpp's q8_0: a float32 scale per 32 inputs of a row), "
+                        "written by numpy-gpt2 convert --weights int8; only numpy-gpt2 loads it, transformers "
+                        "cannot; numpy-gpt2 convert turns it back into a float32 file"}
+    write_safetensors_file(path, specs, stored, metadata=metadata)
 
 
 def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:

@@ -12,6 +12,7 @@ so a tensor in the file can be followed to its use here.
 """
 
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -19,11 +20,13 @@ import numpy as np
 from . import gradients, inputs, kernels, ops
 from .config import GPT2Config
 from .errors import GPT2Error
-from .memory import ReusableMemory, Workspace, blocks_in_one_array, in_own_memory
-from .weights import Checkpoint, load_checkpoint, release_pages
+from .kernels import narrow
+from .memory import BLOCK_TENSORS, ReusableMemory, Workspace, blocks_in_one_array, in_own_memory
+from .weights import Checkpoint, expected_shapes, load_checkpoint, release_pages
 from .weights.resolve import resolve_model
 
 DTYPES = ("float32", "float64")
+WEIGHTS = narrow.WEIGHTS
 
 
 @dataclasses.dataclass
@@ -31,7 +34,8 @@ class Linear:
     """GPT-2's 'Conv1D': weight [in, out], bias [out]; y = x @ weight + bias.
 
     The model keeps `weight` as the transposed view of an [out, in] array (see
-    `memory.blocks_in_one_array`): the same matrix, laid out for the products.
+    `memory.blocks_in_one_array`): the same matrix, laid out for the products. With narrow
+    weights it is a `kernels.narrow.NarrowMatrix` of those [out, in] rows.
     """
 
     weight: np.ndarray
@@ -79,9 +83,43 @@ class _Converted:
 
     def __getitem__(self, name: str) -> np.ndarray:
         array = self.checkpoint.array(name, self.dtype)
-        if array is not self.checkpoint.tensors[name]:
-            release_pages(self.checkpoint.tensors[name])  # a converted copy: done with the file's pages
+        stored = self.checkpoint.tensors.get(name)
+        if stored is not None and array is not stored:
+            release_pages(stored)  # a converted copy: done with the file's pages
         return array
+
+    def stored_int8(self, name: str) -> narrow.NarrowMatrix | None:
+        """Matrix `name` as an int8 file stores it (copied out of the file, not requantized),
+        or None when the file does not store it in int8."""
+        if name not in self.checkpoint.quantized:
+            return None
+        q, scales = self.checkpoint.quantized[name]
+        matrix = narrow.NarrowMatrix("int8", (np.array(q), np.array(scales)))
+        release_pages(q)
+        return matrix
+
+
+def default_weights(checkpoint: Checkpoint) -> str:
+    """The weights a checkpoint keeps by default: "int8" for a numpy-gpt2 int8 file, "bfloat16"
+    when every matrix is stored in bfloat16 (no rounding then), else "float32". float16 is
+    widened: bfloat16 would drop 3 bits of its mantissa."""
+    if checkpoint.quantized:
+        return "int8"
+    matrices = [name for name, shape in expected_shapes(checkpoint.config).items() if len(shape) == 2]
+    return "bfloat16" if all(checkpoint.file_dtypes[name] == "BF16" for name in matrices) else "float32"
+
+
+def _narrow(tensors, name: str, weights: str) -> narrow.NarrowMatrix:
+    """Matrix `name` of `tensors` (a dict, or a checkpoint's `_Converted`) as a NarrowMatrix of
+    `weights` over its [out, in] rows (wte: its own [V, C] rows)."""
+    if weights == "int8" and isinstance(tensors, _Converted) and (stored := tensors.stored_int8(name)) is not None:
+        return stored
+    array = tensors[name]
+    # A view of a float32 file: each band's pages are handed back once it is converted (wte's
+    # bands are contiguous in the file; the blocks' matrices, transposed, go whole after).
+    matrix = narrow.narrow_matrix(array if name == "wte.weight" else array.T, weights, done=release_pages)
+    release_pages(array)
+    return matrix
 
 
 class KVCache:
@@ -139,24 +177,40 @@ class GPT2:
 
     Build it with `GPT2.from_pretrained(name_or_path)`; call it on token ids to get logits.
     `dtype` is "float32" (the default, what the checkpoints hold) or "float64" (reference
-    precision: every activation and weight in double).
+    precision: every activation and weight in double). `weights` is how the matrices (the
+    blocks' and the tied head) are kept: "float32", or narrow, "bfloat16" or "int8" (see
+    `kernels.narrow`), with float32 arithmetic.
     """
 
-    def __init__(self, config: GPT2Config, tensors, dtype="float32", path: str | None = None):
+    def __init__(self, config: GPT2Config, tensors, dtype="float32", path: str | None = None, weights="float32"):
         """`tensors` maps official names (see `weights`) to arrays already in `dtype`.
 
         wpe and ln_f are used as given (memory-mapped when loaded from a float32 file); wte is
         copied into the process's own memory (`memory.in_own_memory`) and the blocks' tensors
-        into one array, the matrices in their own layout (`memory.blocks_in_one_array`).
+        into one array, the matrices in their own layout (`memory.blocks_in_one_array`). Narrow
+        `weights`: the matrices and wte become `kernels.narrow.NarrowMatrix`es, one at a time.
         """
+        if weights not in WEIGHTS:
+            raise GPT2Error(f"weights must be one of {', '.join(WEIGHTS)}, found {weights!r}")
+        if weights != "float32" and np.dtype(dtype) != np.float32:
+            raise GPT2Error(f"weights={weights!r} computes in float32; dtype={str(dtype)!r} needs weights='float32'")
         self.config = config
         self.dtype = np.dtype(dtype)
         self.path = path
+        self.weights = weights
+        # A prompt's products: `kernels`' with float weights, their twins for narrow ones.
+        self._products = kernels if weights == "float32" else narrow
         t = tensors
 
-        self.wte = in_own_memory(t["wte.weight"])  # [V, C], also the output head (tied)
+        if weights == "float32":
+            self.wte = in_own_memory(t["wte.weight"])  # [V, C], also the output head (tied)
+            b = blocks_in_one_array(config, t, self.dtype)
+        else:
+            self.wte = _narrow(t, "wte.weight", weights)
+            shapes = expected_shapes(config)
+            b = {name: _narrow(t, name, weights) if len(shapes[name]) == 2 else np.array(t[name])
+                 for name in (f"h.{i}.{part}" for i in range(config.n_layer) for part in BLOCK_TENSORS)}
         self.wpe = t["wpe.weight"]  # [P, C]
-        b = blocks_in_one_array(config, t, self.dtype)
 
         def linear(name: str) -> Linear:
             return Linear(b[name + ".weight"], b[name + ".bias"])
@@ -174,14 +228,16 @@ class GPT2:
         self.attn_scales = ops.attention_scales(config)  # the factor on q.k in each layer
         # The memory the forward passes reuse: the logits, the keys and values of passes without
         # a cache, a prompt's intermediates (see `memory.Workspace`).
-        self.workspace = Workspace(self.wte.nbytes + sum(
-            lin.weight.nbytes for b in self.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)))
+        # Sized as for float32 weights: narrow ones are widened there for a prompt.
+        self.workspace = Workspace(self.dtype.itemsize * (self.config.vocab_size * self.config.n_embd + sum(
+            math.prod(lin.weight.shape) for b in self.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))))
         self._training_buffers = None  # `loss_and_grads`' activations, for the last batch shape
 
     # ---- construction -------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype="float32", n_head: int | None = None):
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype="float32", n_head: int | None = None,
+                        weights: str | None = None):
         """Load a checkpoint: a directory, a .safetensors file, or a name such as "gpt2".
 
         Names are looked up in ./weights/NAME/ and the Hugging Face cache (see
@@ -189,16 +245,21 @@ class GPT2:
         and the blocks' tensors are copied once, the latter into one array with the matrices in
         their own layout (see `memory.in_own_memory`, `memory.blocks_in_one_array`), and the file
         pages they came from handed back. `n_head` is needed only for a bare .safetensors file of a size that
-        matches no preset.
+        matches no preset. `weights`: how the matrices are kept, "float32", "bfloat16" or
+        "int8" (see `kernels.narrow`); None keeps a bfloat16 or int8 file's own precision and
+        widens anything else (float16 too) to float32.
         """
-        return cls.from_checkpoint(load_checkpoint(resolve_model(name_or_path), n_head=n_head), dtype)
+        return cls.from_checkpoint(load_checkpoint(resolve_model(name_or_path), n_head=n_head), dtype, weights)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, dtype="float32"):
-        """Build from a validated `weights.Checkpoint`, converting to `dtype` only when needed."""
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype="float32", weights: str | None = None):
+        """Build from a validated `weights.Checkpoint`, converting to `dtype` and `weights` (see
+        `from_pretrained`) only when needed."""
         if str(dtype) not in DTYPES:
             raise GPT2Error(f"dtype must be one of {', '.join(DTYPES)}, found {dtype!r}")
-        return cls(checkpoint.config, _Converted(checkpoint, dtype), dtype, checkpoint.path)
+        if weights is None:
+            weights = default_weights(checkpoint) if str(dtype) == "float32" else "float32"
+        return cls(checkpoint.config, _Converted(checkpoint, dtype), dtype, checkpoint.path, weights)
 
     def num_parameters(self) -> int:
         """The number of parameters (the tied head counted once)."""
@@ -308,8 +369,10 @@ class GPT2:
     def _head(self, x):
         """x: [B, T, C] -> logits [B, T, V] = x @ wte.T: the output head is the embedding, tied."""
         B, T, _ = x.shape
-        logits = self.workspace.logits.empty((B, T, len(self.wte)), self.dtype)
-        return kernels.matmul_transposed(x, self.wte, logits)
+        logits = self.workspace.logits.empty((B, T, self.config.vocab_size), self.dtype)
+        if self.weights == "float32":
+            return kernels.matmul_transposed(x, self.wte, logits)
+        return narrow.matmul_transposed(x, self.wte, logits, self.workspace)
 
     def _embed(self, ids, positions):
         """ids, positions: [B, T] -> x: [B, T, C] = wte[ids] + wpe[positions] (`ops.embedding`)."""
@@ -317,7 +380,10 @@ class GPT2:
         position_rows = self.workspace.empty(x.shape, self.dtype)
         # mode="clip" (the ids and positions are checked already): with "raise" NumPy gathers
         # into a buffer of its own first.
-        np.take(self.wte, ids, axis=0, out=x, mode="clip")
+        if isinstance(self.wte, narrow.NarrowMatrix):
+            self.wte.take(ids, x)  # the rows taken, widened
+        else:
+            np.take(self.wte, ids, axis=0, out=x, mode="clip")
         np.take(self.wpe, positions, axis=0, out=position_rows, mode="clip")
         x += position_rows
         return x
@@ -331,21 +397,21 @@ class GPT2:
         positions (`ops.self_attention`), the keys/values of all T appended to cache."""
         B, T, C = x.shape
         H, D = self.config.n_head, self.config.head_dim
-        qkv = kernels.linear(x, attn.c_attn.weight, attn.c_attn.bias, self.workspace).reshape(B, T, 3, H, D)
+        qkv = self._products.linear(x, attn.c_attn.weight, attn.c_attn.bias, self.workspace).reshape(B, T, 3, H, D)
         end = cache.length + T
         # The T new keys and values go into the cache (k, v: [B, H, S, D]) as the attention starts.
         heads = kernels.causal_attention(qkv[:, T - keep:, 0], cache.k[layer], cache.v[layer], cache.key_mask,
                                          end - keep, self.attn_scales[layer], self.workspace,
                                          new_k=qkv[:, :, 1], new_v=qkv[:, :, 2])     # [B, keep, C]
         # x = x + self_attention(ln_1(x))  (ops.block), the sum made by the BLAS
-        kernels.linear(heads, attn.c_proj.weight, attn.c_proj.bias, self.workspace, add_to=residual)
+        self._products.linear(heads, attn.c_proj.weight, attn.c_proj.bias, self.workspace, add_to=residual)
 
     def _mlp(self, mlp: MLP, x, residual):
         """residual: [B, T, C] += the MLP of x: [B, T, C] (`ops.mlp`): widen to F, tanh-GELU,
         project back."""
-        h = kernels.linear_gelu(x, mlp.c_fc.weight, mlp.c_fc.bias, self.workspace)  # [B, T, F]
+        h = self._products.linear_gelu(x, mlp.c_fc.weight, mlp.c_fc.bias, self.workspace)  # [B, T, F]
         # x = x + mlp(ln_2(x))  (ops.block), the sum made by the BLAS
-        kernels.linear(h, mlp.c_proj.weight, mlp.c_proj.bias, self.workspace, add_to=residual)
+        self._products.linear(h, mlp.c_proj.weight, mlp.c_proj.bias, self.workspace, add_to=residual)
 
     def trace(self, input_ids, attention_mask=None) -> Trace:
         """The forward pass of the reference GPT-2 (`ops.gpt2`), keeping every layer's output.
@@ -362,16 +428,30 @@ class GPT2:
 
     def params(self) -> dict:
         """The parameters nested as `ops.gpt2` takes them (`ops.params_from_tensors`), the arrays
-        the model computes with."""
-        return ops.params_from_tensors(self.parameters(), self.config.n_layer)
+        the model computes with; narrow weights as float32 copies of the values they hold."""
+        if self.weights == "float32":
+            return ops.params_from_tensors(self.parameters(), self.config.n_layer)
+        named = self._named()
+        for name, array in named.items():
+            if isinstance(array, narrow.NarrowMatrix):
+                named[name] = array.widen() if name == "wte.weight" else array.widen().T
+        return ops.params_from_tensors(named, self.config.n_layer)
 
     def parameters(self) -> dict:
         """Official name (`wte.weight`, `h.0.attn.c_attn.weight` [in, out], ...) -> the array the
         model computes with, of the file's shape. Writing into one changes the model; arrays still
-        mapped read-only from the checkpoint file are copied into memory first, once."""
+        mapped read-only from the checkpoint file are copied into memory first, once.
+        Needs float32 weights (training, say): narrow ones are a GPT2Error."""
+        if self.weights != "float32":
+            raise GPT2Error(f"this model keeps weights={self.weights!r}; parameters and their gradients need "
+                            "float32 weights: load it with weights='float32'")
         for owner, name in ((self, "wpe"), (self.ln_f, "weight"), (self.ln_f, "bias")):
             if not getattr(owner, name).flags.writeable:
                 setattr(owner, name, np.array(getattr(owner, name)))
+        return self._named()
+
+    def _named(self) -> dict:
+        """Official name -> what the model holds for it (see `parameters`)."""
         named = {"wte.weight": self.wte, "wpe.weight": self.wpe,
                  "ln_f.weight": self.ln_f.weight, "ln_f.bias": self.ln_f.bias}
         for i, block in enumerate(self.h):

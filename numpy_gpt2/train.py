@@ -210,7 +210,7 @@ def _open_run(out: pathlib.Path, data, given: dict, resume: bool):
         raise GPT2Error(f"--resume: --data {data} is not the data the run in {out} was trained on "
                         f"({previous['data']['train_tokens']} + {previous['data']['val_tokens']} tokens)")
     if resume:
-        model = GPT2.from_pretrained(out, dtype=settings["dtype"])
+        model = GPT2.from_pretrained(out, dtype=settings["dtype"], weights="float32")
     else:
         model, settings = _new_model(given)
     settings["data"] = str(pathlib.Path(data).resolve())
@@ -230,7 +230,7 @@ def _new_model(given: dict):
         raise GPT2Error("give one of --init MODEL (fine-tune a checkpoint) and --config PRESET_OR_JSON "
                         "(train from scratch)" + (", not both" if given["init"] is not None else ""))
     if given["init"] is not None:
-        model = GPT2.from_pretrained(given["init"], dtype=settings["dtype"])
+        model = GPT2.from_pretrained(given["init"], dtype=settings["dtype"], weights="float32")  # trains float32 weights
         settings["init"], settings["config"] = str(given["init"]), None
         fine_tuning = True
     else:

@@ -11,7 +11,9 @@ where its result comes from (see `memory.Workspace`). By concern:
 - `logprobs`: the log-softmax of each row read at its target (and top k), for scoring text;
 - `attention`: causal, masked attention over the cache, a prompt's in blocks of queries;
 - `decode`: a decoding step, the few-rows product, attention of one query, a whole block in one
-  call (`decode_block`);
+  call (`decode_block`), the product by how a matrix is stored (`rows_matmul`);
+- `narrow`: bfloat16 and int8 matrices (`NarrowMatrix`), their decoding kernels, and
+  `linear`, `linear_gelu`, `matmul_transposed` for them;
 - `blas`: the BLAS's ?gemm called by address, and which NumPy builds have it;
 - `float32math`: float32 tanh, exp and maximum written so that the loops vectorise;
 - `common`: the Numba options and the row counts (FEW_ROWS, THIN_ROWS) that choose a path.

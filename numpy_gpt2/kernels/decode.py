@@ -19,9 +19,34 @@ import math
 
 import numba
 import numpy as np
+from numba.extending import overload
 
 from .common import FAST, PARALLEL, start_numba_threads, transposed_contiguous
 from .elementwise import add_with_bias_, bias_gelu_rows_of_dtype, layer_norm_rows
+
+
+@numba.njit(inline="always", **FAST)
+def dot_rows(row, x, out, n):
+    """out[:, n] = x: [M, K] @ row: [K], four rows of x at a time while the row sits in L1."""
+    M, K = x.shape
+    zero = out.dtype.type(0)
+    m = 0
+    while m + 4 <= M:
+        s0 = s1 = s2 = s3 = zero
+        for k in range(K):
+            w = row[k]
+            s0 += w * x[m, k]
+            s1 += w * x[m + 1, k]
+            s2 += w * x[m + 2, k]
+            s3 += w * x[m + 3, k]
+        out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = s0, s1, s2, s3
+        m += 4
+    while m < M:
+        s0 = zero
+        for k in range(K):
+            s0 += row[k] * x[m, k]
+        out[m, n] = s0
+        m += 1
 
 
 @numba.njit(**PARALLEL)
@@ -29,32 +54,53 @@ def few_rows_matmul(x, weight_t, out):
     """out: [M, N] = x: [M, K] @ weight_t.T, weight_t: [N, K], for a few rows M (see FEW_ROWS).
 
     Threads take blocks of the weight's rows, so each thread reads one contiguous stream through
-    memory; each row is read once and dotted with four rows of x at a time while it sits in L1.
+    memory; each row is read once and dotted with four rows of x at a time while it sits in L1
+    (`dot_rows`).
     """
-    N, K = weight_t.shape
-    M = x.shape[0]
+    N = weight_t.shape[0]
     n_blocks = min(N, 256)
     per_block = (N + n_blocks - 1) // n_blocks
-    zero = out.dtype.type(0)
     for block in numba.prange(n_blocks):
         for n in range(block * per_block, min(N, (block + 1) * per_block)):
-            m = 0
-            while m + 4 <= M:
-                s0 = s1 = s2 = s3 = zero
-                for k in range(K):
-                    w = weight_t[n, k]
-                    s0 += w * x[m, k]
-                    s1 += w * x[m + 1, k]
-                    s2 += w * x[m + 2, k]
-                    s3 += w * x[m + 3, k]
-                out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = s0, s1, s2, s3
-                m += 4
-            while m < M:
-                s0 = zero
-                for k in range(K):
-                    s0 += weight_t[n, k] * x[m, k]
-                out[m, n] = s0
-                m += 1
+            dot_rows(weight_t[n], x, out, n)
+
+
+def rows_matmul(x, rows, out):
+    """out: [M, N] = x: [M, K] @ rows.T for a few rows M, by the loop for how `rows` is stored
+    (see `stored_rows`): float rows [N, K] (`few_rows_matmul`), bfloat16 bits uint16 [N, K]
+    or int8's (q, scales) (`narrow.bfloat16_rows_matmul`, `narrow.int8_rows_matmul`).
+
+    Jitted code calls it too: the overload below picks the loop by the types when compiling.
+    """
+    from . import narrow
+
+    if isinstance(rows, tuple):
+        narrow.int8_rows_matmul(x, rows[0], rows[1], narrow.GROUP, out)
+    elif rows.dtype == np.uint16:
+        narrow.bfloat16_rows_matmul(x, rows, out)
+    else:
+        few_rows_matmul(x, rows, out)
+
+
+@overload(rows_matmul, jit_options=FAST)
+def _rows_matmul_typed(x, rows, out):
+    from .narrow import GROUP, bfloat16_rows_matmul, int8_rows_matmul
+
+    if isinstance(rows, numba.types.BaseTuple):
+        # The group size as a value known only at run time (N >= 1 rows: GROUP), so that the
+        # kernel is not compiled for the constant, which LLVM unrolls into scalar code.
+        return lambda x, rows, out: int8_rows_matmul(x, rows[0], rows[1], GROUP * min(1, rows[0].shape[0]), out)
+    if rows.dtype == numba.types.uint16:
+        return lambda x, rows, out: bfloat16_rows_matmul(x, rows, out)
+    return lambda x, rows, out: few_rows_matmul(x, rows, out)
+
+
+def stored_rows(weight):
+    """A model's weight -> what `rows_matmul` takes: a float weight [K, N] as its rows [N, K]
+    (`common.transposed_contiguous`), a `narrow.NarrowMatrix` as it stores them."""
+    from .narrow import NarrowMatrix
+
+    return weight.stored if isinstance(weight, NarrowMatrix) else transposed_contiguous(weight)
 
 
 @numba.njit(inline="always", **FAST)
@@ -123,7 +169,7 @@ def _decode_block(x, ln_1_gamma, ln_1_beta, c_attn_t, c_attn_bias, attn_proj_t, 
                   k, v, key_mask, start, scale, eps):
     """One block for T new positions of each of B rows, B * T a few (see FEW_ROWS): x: [B, T, C]
     updated in place; k, v: [B, H, S, D] (the layer's cache, positions start..start+T-1 written
-    here); each matrix as its weight_t [out, in].
+    here); each matrix as `stored_rows` gives it ([out, in] rows, float or narrow).
 
     The same maths as `ops.block`, line by line in the comments, through the same loops as a
     prompt's, in one call.
@@ -134,7 +180,7 @@ def _decode_block(x, ln_1_gamma, ln_1_beta, c_attn_t, c_attn_bias, attn_proj_t, 
     h = np.empty_like(rows)
     layer_norm_rows(rows, ln_1_gamma, ln_1_beta, eps, h)                       # h = ln_1(x)
     qkv = np.empty((B * T, 3 * C), dtype=x.dtype)
-    few_rows_matmul(h, c_attn_t, qkv)                                          # h @ c_attn.weight
+    rows_matmul(h, c_attn_t, qkv)                                              # h @ c_attn.weight
     q = np.empty((B, T, H, D), dtype=x.dtype)
     for r in range(B * T):                                                     # + c_attn.bias, split
         b, t = r // T, r % T
@@ -145,15 +191,15 @@ def _decode_block(x, ln_1_gamma, ln_1_beta, c_attn_t, c_attn_bias, attn_proj_t, 
     heads = np.empty((B, T, H, D), dtype=x.dtype)
     attend_over_cache_parallel(q, k, v, key_mask, start, scale, heads)
     projected = np.empty_like(rows)
-    few_rows_matmul(heads.reshape(B * T, C), attn_proj_t, projected)
+    rows_matmul(heads.reshape(B * T, C), attn_proj_t, projected)
     add_with_bias_(rows, projected, attn_proj_bias)                            # x = x + attention(ln_1(x))
     layer_norm_rows(rows, ln_2_gamma, ln_2_beta, eps, h)                       # h = ln_2(x)
-    F = c_fc_t.shape[0]
+    F = c_fc_bias.shape[0]
     widened = np.empty((B * T, F), dtype=x.dtype)
-    few_rows_matmul(h, c_fc_t, widened)
+    rows_matmul(h, c_fc_t, widened)
     activated = np.empty_like(widened)
     bias_gelu_rows_of_dtype(widened, c_fc_bias, activated, 0, F)
-    few_rows_matmul(activated, mlp_proj_t, projected)
+    rows_matmul(activated, mlp_proj_t, projected)
     add_with_bias_(rows, projected, mlp_proj_bias)                             # x = x + mlp(ln_2(x))
 
 
@@ -164,13 +210,14 @@ def decode_block(x, block, k, v, key_mask, start, scale, eps):
 
     Twin of `ops.block` for a decoding step or a short prompt, in one Numba call with no Python
     between the steps of the block. A short prompt taking this path, not the prompt's, also
-    means a first run compiles only these loops for it. tests/test_model.py holds the decoding steps it makes to transformers'
-    logits (`conftest.tolerance`: 1e-4 of the largest logit in float32, 1e-9 in float64).
+    means a first run compiles only these loops for it. tests/test_model.py holds the steps it
+    makes to transformers' logits (`conftest.tolerance`). The block's matrices may be narrow
+    (`narrow.NarrowMatrix`): `rows_matmul` reads them.
     """
     start_numba_threads()
     attn, mlp = block.attn, block.mlp
-    _decode_block(x, block.ln_1.weight, block.ln_1.bias, transposed_contiguous(attn.c_attn.weight),
-                  attn.c_attn.bias, transposed_contiguous(attn.c_proj.weight), attn.c_proj.bias,
-                  block.ln_2.weight, block.ln_2.bias, transposed_contiguous(mlp.c_fc.weight), mlp.c_fc.bias,
-                  transposed_contiguous(mlp.c_proj.weight), mlp.c_proj.bias,
+    _decode_block(x, block.ln_1.weight, block.ln_1.bias, stored_rows(attn.c_attn.weight),
+                  attn.c_attn.bias, stored_rows(attn.c_proj.weight), attn.c_proj.bias,
+                  block.ln_2.weight, block.ln_2.bias, stored_rows(mlp.c_fc.weight), mlp.c_fc.bias,
+                  stored_rows(mlp.c_proj.weight), mlp.c_proj.bias,
                   k, v, key_mask, start, x.dtype.type(scale), float(eps))

@@ -22,7 +22,7 @@ from ..config import GPT2Config
 from ..errors import CheckpointError, ModelNotFoundError
 from .checkpoint import (Checkpoint, expected_shapes, infer_config, mapped_file, official_names, release_pages,
                          validate)
-from .safetensors_file import load_safetensors
+from .safetensors_file import INT8_FILE, load_safetensors
 
 __all__ = ["Checkpoint", "expected_shapes", "infer_config", "load_checkpoint", "load_safetensors", "mapped_file",
            "official_names", "release_pages", "validate"]
@@ -32,7 +32,7 @@ def load_checkpoint(path: str | os.PathLike, n_head: int | None = None, verify: 
     """Load and validate the checkpoint at `path`.
 
     `path` is a directory holding config.json + model.safetensors (Hugging Face, or
-    pytorch_model.bin when torch is installed), a directory holding OpenAI's TensorFlow
+    pytorch_model.bin when torch is installed, or numpy-gpt2's int8 model.int8.safetensors), a directory holding OpenAI's TensorFlow
     checkpoint (hparams.json, model.ckpt.*), an llm.c .bin file (told apart by its magic), a
     PyTorch .bin/.pt/.pth state dict (Hugging Face or nanoGPT; needs torch), or a single
     .safetensors file (config.json beside it, else inferred from the shapes and `n_head`).
@@ -45,9 +45,12 @@ def load_checkpoint(path: str | os.PathLike, n_head: int | None = None, verify: 
     path = os.fspath(path)
     if os.path.isdir(path):
         st_path = os.path.join(path, "model.safetensors")
+        int8_path = os.path.join(path, INT8_FILE)
         torch_path = os.path.join(path, "pytorch_model.bin")
         if os.path.isfile(st_path):
             return load_safetensors(st_path, _config_in(path), n_head)
+        if os.path.isfile(int8_path):
+            return load_safetensors(int8_path, _config_in(path), n_head)
         if os.path.isfile(torch_path):
             from .torch_state import load_torch_checkpoint
 

@@ -26,18 +26,33 @@ _MASK_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 class Checkpoint:
     """Validated weights: `tensors` maps official names to arrays in the file's dtype.
 
-    `file_dtypes` gives each tensor's dtype string in the file ("F32", "BF16", ...), `path` the
-    file the tensors came from (for messages and `info`).
+    `file_dtypes` gives each tensor's dtype string in the file ("F32", "BF16", ..., "I8"),
+    `path` the file the tensors came from (for messages and `info`). `quantized` holds the
+    matrices a numpy-gpt2 int8 file stores (see `convert.write_safetensors`), by official
+    name: (q int8 [out, in], scales float32 [out, ceil(in / 32)]), as `kernels.narrow`
+    quantizes them; those names are not in `tensors`.
     """
 
     config: GPT2Config
     tensors: dict
     file_dtypes: dict
     path: str
+    quantized: dict = dataclasses.field(default_factory=dict)
 
     def array(self, name: str, dtype) -> np.ndarray:
-        """Tensor `name` as float `dtype`: a view of the file when it already has that dtype."""
+        """Tensor `name` as float `dtype`: a view of the file when it already has that dtype,
+        dequantized (q * scale, then to dtype) when the file stores it in int8."""
+        if name in self.quantized:
+            from ..kernels.narrow import NarrowMatrix
+
+            rows = NarrowMatrix("int8", self.quantized[name]).widen()
+            return (rows if name == "wte.weight" else rows.T).astype(dtype, copy=False)
         return to_float(self.tensors[name], self.file_dtypes[name], np.dtype(dtype))
+
+    @property
+    def names(self) -> list:
+        """Every tensor's official name, stored as floats or in int8."""
+        return [*self.tensors, *self.quantized]
 
 
 def mapped_file(array: np.ndarray) -> mmap.mmap | None:
@@ -139,25 +154,39 @@ def official_names(tensors: dict, path: str) -> dict:
     return {k: v for k, v in renamed.items() if not _MASK_BUFFERS.fullmatch(k)}
 
 
-def validate(config: GPT2Config, tensors: dict, file_dtypes: dict, path: str) -> None:
-    """Check that `tensors` (official names) are exactly what `config` needs.
+def validate(config: GPT2Config, tensors: dict, file_dtypes: dict, path: str, quantized: dict | None = None) -> None:
+    """Check that `tensors` (official names), with the int8 matrices of `quantized` (see
+    `Checkpoint`), are exactly what `config` needs.
 
     Raises CheckpointError naming the file, the tensor, and the expected and found shape.
     """
     top, layer = _top_shapes(config), _layer_shapes(config)
     top["lm_head.weight"] = top["wte.weight"]
-    expected = {}
-    for name in tensors:
+
+    def expected_shape(name):
         match = _LAYER_NAME.fullmatch(name)
         if match is None:
-            expected[name] = top.get(name)
-        else:
-            expected[name] = layer.get(match[2]) if int(match[1]) < config.n_layer else None
-    n_missing = 4 + 12 * config.n_layer - sum(1 for name, shape in expected.items()
-                                             if shape is not None and name != "lm_head.weight")
+            return top.get(name)
+        return layer.get(match[2]) if int(match[1]) < config.n_layer else None
+
+    quantized = quantized or {}
+    for name, (q, scales) in quantized.items():
+        shape = expected_shape(name)
+        if shape is None or len(shape) != 2 or name in ("wpe.weight", "lm_head.weight"):
+            raise CheckpointError(f"{path}: {name}.q: int8 is for GPT-2's matrices, not for {name}")
+        rows = shape if name == "wte.weight" else shape[::-1]
+        want = (rows, (rows[0], -(-rows[1] // 32)))
+        if (q.shape, scales.shape) != want or (q.dtype, scales.dtype) != (np.int8, np.float32):
+            raise CheckpointError(f"{path}: {name}.q and {name}.scales are {q.dtype} {q.shape} and {scales.dtype} "
+                                  f"{scales.shape}, expected int8 {want[0]} and float32 {want[1]} "
+                                  f"from config n_embd={config.n_embd}")
+    expected = {name: expected_shape(name) for name in tensors}
+    present = {name for name, shape in expected.items() if shape is not None and name != "lm_head.weight"}
+    n_missing = 4 + 12 * config.n_layer - len(present | set(quantized))
     if n_missing:
         # At most len(tensors) + 3 names in, three are missing; never a walk over all n_layer.
-        missing = list(itertools.islice((name for name, _ in _named_shapes(config) if name not in tensors), 3))
+        missing = list(itertools.islice((name for name, _ in _named_shapes(config)
+                                         if name not in tensors and name not in quantized), 3))
         more = f" and {n_missing - 3} more" if n_missing > 3 else ""
         raise CheckpointError(f"{path}: missing tensor {', '.join(missing)}{more}")
     extra = [name for name, shape in expected.items() if shape is None]

@@ -83,7 +83,7 @@ def known_names() -> list:
 
 
 def _has_checkpoint(d: pathlib.Path) -> bool:
-    return (d / "model.safetensors").is_file() or (d / "hparams.json").is_file()
+    return any((d / name).is_file() for name in ("model.safetensors", "model.int8.safetensors", "hparams.json"))
 
 
 def _looks_like_path(text: str) -> bool:

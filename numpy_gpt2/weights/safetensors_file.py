@@ -29,16 +29,37 @@ _MAX_HEADER = 4 * 1024 * 1024
 _MAX_TENSORS = 20_000
 
 
+# A numpy-gpt2 int8 checkpoint (`convert.write_int8_safetensors`): the metadata's format, and the
+# file's name in a model directory. Not model.safetensors, so that transformers, which would
+# load the float tensors and initialise the missing matrices at random, finds no weights there.
+INT8_FORMAT = "numpy-gpt2-int8"
+INT8_FILE = "model.int8.safetensors"
+
+
 def load_safetensors(path: str, config: GPT2Config | None = None, n_head: int | None = None) -> Checkpoint:
-    """Open a .safetensors GPT-2 file memory-mapped; the config is inferred when not given."""
+    """Open a .safetensors GPT-2 file memory-mapped; the config is inferred when not given.
+
+    A numpy-gpt2 int8 file (metadata format INT8_FORMAT) stores each matrix as NAME.q (int8
+    [out, in]) and NAME.scales (float32, one per 32 inputs); they become `Checkpoint.quantized`.
+    """
     file = SafetensorsFile(path)
-    tensors = official_names(file.tensors, path)
+    stored = dict(file.tensors)
+    quantized = {}
+    if file.metadata.get("format") == INT8_FORMAT:
+        for name in [k for k in stored if k.endswith(".q")]:
+            base = name.removesuffix(".q")
+            if base + ".scales" not in stored:
+                raise CheckpointError(f"{path}: tensor {name} has no {base}.scales beside it")
+            quantized[base] = (stored.pop(name), stored.pop(base + ".scales"))
+    tensors = stored if quantized else official_names(stored, path)
     file_dtypes = {name: file.dtypes.get(name, file.dtypes.get("transformer." + name)) for name in tensors}
+    file_dtypes.update({name: "I8" for name in quantized})
     if config is None:
-        config = infer_config(tensors, path, n_head)
-    validate(config, tensors, file_dtypes, path)
+        as_files = {name: q if name == "wte.weight" else q.T for name, (q, _) in quantized.items()}  # [in, out]
+        config = infer_config({**tensors, **as_files}, path, n_head)
+    validate(config, tensors, file_dtypes, path, quantized)
     tensors.pop("lm_head.weight", None)
-    return Checkpoint(config, tensors, file_dtypes, path)
+    return Checkpoint(config, tensors, file_dtypes, path, quantized)
 
 
 class SafetensorsFile:

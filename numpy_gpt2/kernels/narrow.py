@@ -1,0 +1,316 @@
+"""Narrow weights: matrices kept in bfloat16 or int8 and widened to float32 as they are used.
+
+A decoding step reads every weight once per token, so its speed is the bytes it reads: half of
+them in bfloat16, a bit over a quarter in int8. The arithmetic stays float32.
+
+- bfloat16: the upper 16 bits of each float32 (`weights.dtypes.bfloat16_bits`, rounded to
+  nearest even); widening is a shift, so the values used are exactly the stored ones.
+- int8: llama.cpp's q8_0. Each row of a matrix stored [out, in] is cut into groups of GROUP
+  consecutive inputs; a group keeps one float32 scale d = max |w| / 127 and its weights
+  q = round(w / d) in [-127, 127], so w is read back as q * d. When `in` is not a multiple of
+  GROUP the last group of each row is the shorter remainder, with its own scale.
+
+Both live in a `NarrowMatrix`. Up to FEW_ROWS rows (decoding) a product reads the narrow rows
+directly (`rows_matmul`: a bfloat16 row widened into a float32 row buffer in L1, then dotted;
+an int8 group summed as float32(q) * x, then scaled), accumulating in float32. Many rows (a
+prompt) widen the matrix into a float32 buffer (the tied head a band of BAND_ROWS rows at a
+time) that the BLAS multiplies as it multiplies float32 weights (`linear`, `linear_gelu`,
+`matmul_transposed`, the twins of `products`' functions for a NarrowMatrix).
+"""
+
+import numba
+import numpy as np
+
+from .common import FAST, FEW_ROWS, PARALLEL
+from .decode import dot_rows, rows_matmul
+from .elementwise import bias_gelu
+from .products import linear as _linear
+from .products import linear_gelu as _linear_gelu
+from .products import matmul_transposed as _matmul_transposed
+
+WEIGHTS = ("float32", "bfloat16", "int8")
+GROUP = 32  # int8: consecutive inputs of a row sharing one scale, as llama.cpp's q8_0
+# The tied head [V, C] is made narrow at load and widened for a prompt this many rows at a time,
+# so that no float32 copy of all of it is ever made (the blocks' matrices are widened whole).
+BAND_ROWS = 4096
+
+
+class NarrowMatrix:
+    """A weight matrix as [N out, K in] rows in a narrow format.
+
+    kind "bfloat16": `stored` is the bits, uint16 [N, K].
+    kind "int8": `stored` is (q int8 [N, K], scales float32 [N, ceil(K / GROUP)]).
+    The model's `Linear.weight` is one of these when its weights are narrow: the rows of the
+    matrix it multiplies by (the [in, out] weight of the file, transposed).
+    """
+
+    def __init__(self, kind: str, stored):
+        self.kind, self.stored = kind, stored
+
+    @property
+    def shape(self) -> tuple:
+        """(N, K): the rows' shape."""
+        return (self.stored if self.kind == "bfloat16" else self.stored[0]).shape
+
+    @property
+    def size(self) -> int:
+        """The number of weights, N * K."""
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored.nbytes if self.kind == "bfloat16" else sum(a.nbytes for a in self.stored)
+
+    def widen(self, n0: int = 0, n1: int | None = None, out=None) -> np.ndarray:
+        """Rows n0:n1 as float32 [n1 - n0, K], into `out` when given."""
+        n1 = self.shape[0] if n1 is None else n1
+        if out is None:
+            out = np.empty((n1 - n0, self.shape[1]), np.float32)
+        if self.kind == "bfloat16":
+            _widen_bfloat16(self.stored, n0, n1, out)
+        else:
+            _widen_int8(*self.stored, GROUP, n0, n1, out)
+        return out
+
+    def take(self, ids, out) -> np.ndarray:
+        """out: [..., K] float32 = the rows `ids` [...] (the embedding lookup), widened."""
+        flat_ids, flat_out = ids.reshape(-1), out.reshape(-1, self.shape[1])
+        if self.kind == "bfloat16":
+            _take_bfloat16(self.stored, flat_ids, flat_out)
+        else:
+            _take_int8(*self.stored, GROUP, flat_ids, flat_out)
+        return out
+
+
+# ---- making narrow matrices -----------------------------------------------------------------
+
+def bfloat16_matrix(rows, done=None) -> NarrowMatrix:
+    """rows: float [N, K] -> their bfloat16, each value rounded to nearest even (see `narrow_matrix`)."""
+    return narrow_matrix(rows, "bfloat16", done)
+
+
+def int8_matrix(rows, done=None) -> NarrowMatrix:
+    """rows: float [N, K] -> q8_0: per group of GROUP inputs, d = max |w| / 127 (float32) and
+    q = round(w / d), half to even (see `narrow_matrix`)."""
+    return narrow_matrix(rows, "int8", done)
+
+
+def narrow_matrix(rows, weights: str, done=None) -> NarrowMatrix:
+    """rows: float [N, K] -> a NarrowMatrix of `weights` ("bfloat16" or "int8").
+
+    Made BAND_ROWS rows at a time, so the float32 copies it takes are of a band, not of the
+    matrix; `done(band)`, when given, is called with each band of `rows` once it is converted
+    (for the model to hand back the file pages it came from).
+    """
+    from ..weights.dtypes import bfloat16_bits
+
+    N, K = rows.shape
+    if weights == "bfloat16":
+        stored = np.empty((N, K), np.uint16)
+    else:
+        stored = (np.empty((N, K), np.int8), np.empty((N, -(-K // GROUP)), np.float32))
+    for n0 in range(0, N, BAND_ROWS):
+        band = rows[n0:n0 + BAND_ROWS]
+        if weights == "bfloat16":
+            stored[n0:n0 + BAND_ROWS] = bfloat16_bits(band)
+        else:
+            _quantize_int8(np.ascontiguousarray(band, dtype=np.float32), stored[0][n0:n0 + BAND_ROWS],
+                           stored[1][n0:n0 + BAND_ROWS])
+        if done is not None:
+            done(band)
+    return NarrowMatrix(weights, stored)
+
+
+@numba.njit(**PARALLEL)
+def _quantize_int8(rows, q, scales):
+    """rows: float32 [N, K] -> q int8 [N, K], scales float32 [N, G] (see `int8_matrix`);
+    a group of zeros gets scale 0 and q 0."""
+    N, K = rows.shape
+    for n in numba.prange(N):
+        for g in range(scales.shape[1]):
+            k0, k1 = g * GROUP, min(K, (g + 1) * GROUP)
+            largest = np.float32(0)
+            for k in range(k0, k1):
+                largest = max(largest, abs(rows[n, k]))
+            d = largest / np.float32(127)
+            scales[n, g] = d
+            if d == 0:
+                q[n, k0:k1] = 0
+                continue
+            for k in range(k0, k1):
+                # w / d in float64, so that the quotient rounds once, half to even (llama.cpp's
+                # roundf(w * (1 / d)) differs from it at exact halves only); |w / d| <= 127.
+                q[n, k] = np.int8(np.round(np.float64(rows[n, k]) / np.float64(d)))
+
+
+# ---- widening ---------------------------------------------------------------------------------
+
+@numba.njit(**PARALLEL)
+def _widen_bfloat16(bits, n0, n1, out):
+    """out [n1 - n0, K] float32 = the bfloat16 rows bits[n0:n1] (uint16), exactly."""
+    wide = out.reshape(-1).view(np.uint32).reshape(out.shape)
+    for n in numba.prange(n1 - n0):
+        for k in range(bits.shape[1]):
+            wide[n, k] = np.uint32(bits[n0 + n, k]) << 16
+
+
+@numba.njit(**PARALLEL)
+def _widen_int8(q, scales, group, n0, n1, out):
+    """out [n1 - n0, K] float32 = q[n0:n1] * its groups' scales (one rounding each)."""
+    K = q.shape[1]
+    whole = K // group  # the loop shapes of `int8_rows_matmul`, which vectorise
+    for n in numba.prange(n1 - n0):
+        q_row, out_row = q[n0 + n], out[n]
+        for g in range(whole):
+            d, k0 = scales[n0 + n, g], g * group
+            for j in range(group):
+                out_row[k0 + j] = np.float32(q_row[k0 + j]) * d
+        for k in range(whole * group, K):
+            out_row[k] = np.float32(q_row[k]) * scales[n0 + n, whole]
+
+
+@numba.njit(**FAST)
+def _take_bfloat16(bits, ids, out):
+    wide = out.view(np.uint32)
+    for i in range(len(ids)):
+        for k in range(bits.shape[1]):
+            wide[i, k] = np.uint32(bits[ids[i], k]) << 16
+
+
+@numba.njit(**FAST)
+def _take_int8(q, scales, group, ids, out):
+    K = q.shape[1]
+    for i in range(len(ids)):
+        for g in range(scales.shape[1]):
+            d = scales[ids[i], g]
+            for k in range(g * group, min(K, (g + 1) * group)):
+                out[i, k] = np.float32(q[ids[i], k]) * d
+
+
+# ---- a few rows: decoding ---------------------------------------------------------------------
+
+@numba.njit(**PARALLEL)
+def bfloat16_rows_matmul(x, bits, out):
+    """out: [M, N] = x: [M, K] @ widened(bits).T, bits: uint16 [N, K], for a few rows M.
+
+    Twin of `decode.few_rows_matmul` on the widened rows: each row is widened into a float32
+    buffer (in L1) and dotted with four rows of x at a time, so the float32 sums are those of
+    few_rows_matmul on the widened matrix, up to their order.
+    """
+    N, K = bits.shape
+    n_blocks = min(N, 256)
+    per_block = (N + n_blocks - 1) // n_blocks
+    for block in numba.prange(n_blocks):
+        wide = np.empty(K, np.uint32)
+        row = wide.view(np.float32)
+        for n in range(block * per_block, min(N, (block + 1) * per_block)):
+            for k in range(K):
+                wide[k] = np.uint32(bits[n, k]) << 16
+            dot_rows(row, x, out, n)
+
+
+@numba.njit(**PARALLEL)
+def int8_rows_matmul(x, q, scales, group, out):
+    """out: [M, N] = x: [M, K] @ (q * scales).T, q: int8 [N, K], scales: [N, ceil(K / group)],
+    for a few rows M; group: GROUP, passed in for the sake of the loop (see below).
+
+    Each group's sum of float32(q) * x is made first, then scaled by d and added to the row's
+    sum: the same value as the dot product with the dequantized row, summed in another order
+    (one multiplication by d a group instead of one a weight). The loop over a group must have
+    a trip count LLVM cannot know when compiling, which it vectorises: with the constant GROUP
+    it unrolls the loop into scalar code, ten times slower.
+    """
+    N, K = q.shape
+    M = x.shape[0]
+    n_groups = scales.shape[1]
+    whole = K // group  # groups of `group` inputs; a last, shorter one when n_groups > whole
+    n_blocks = min(N, 256)
+    per_block = (N + n_blocks - 1) // n_blocks
+    for block in numba.prange(n_blocks):
+        for n in range(block * per_block, min(N, (block + 1) * per_block)):
+            # One row of x at a time, the row of q staying in L1 for the next. The whole groups
+            # first, each loop `range(group)` over 1-D rows: a bound such as min(group, K - k0)
+            # leaves it scalar. Then the shorter last group, if any.
+            q_row = q[n]
+            for m in range(M):
+                x_row = x[m]
+                total = np.float32(0)
+                for g in range(whole):
+                    k0 = g * group
+                    part = np.float32(0)
+                    for j in range(group):
+                        part += np.float32(q_row[k0 + j]) * x_row[k0 + j]
+                    total += part * scales[n, g]
+                if whole < n_groups:
+                    part = np.float32(0)
+                    for k in range(whole * group, K):
+                        part += np.float32(q_row[k]) * x_row[k]
+                    total += part * scales[n, whole]
+                out[m, n] = total
+
+
+# ---- the products of a forward pass --------------------------------------------------------
+
+def _widened_weight(weight: NarrowMatrix, workspace):
+    """The float32 weight [K, N] a NarrowMatrix [N, K] stands for, widened into memory from
+    `workspace` (a prompt's, see `memory.Workspace`; np.empty when None)."""
+    rows = (np.empty if workspace is None else workspace.empty)(weight.shape, np.float32)
+    return weight.widen(out=rows).T
+
+
+def linear(x, weight, bias, workspace=None, add_to=None):
+    """`products.linear` with a NarrowMatrix weight [out, in]: x: [..., in] -> [..., out] =
+    x @ weight.T + bias, or added onto `add_to`.
+
+    Up to FEW_ROWS rows by `rows_matmul`, else the float32 matrix widened and multiplied by the
+    BLAS as float32 weights are. tests/test_narrow.py holds it to torch's linear on the
+    dequantized weight within rtol 1e-5, atol 1e-5 (a product summed in another order).
+    """
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    if len(rows) > FEW_ROWS:
+        return _linear(x, _widened_weight(weight, workspace), bias, workspace, add_to)
+    out = np.empty((len(rows), weight.shape[0]), np.float32)
+    rows_matmul(rows, weight.stored, out)
+    out += bias
+    out = out.reshape(x.shape[:-1] + (weight.shape[0],))
+    if add_to is None:
+        return out
+    add_to += out
+    return add_to
+
+
+def linear_gelu(x, weight, bias, workspace=None):
+    """`products.linear_gelu` with a NarrowMatrix weight (see `linear`)."""
+    if np.prod(x.shape[:-1]) > FEW_ROWS:
+        return _linear_gelu(x, _widened_weight(weight, workspace), bias, workspace)
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    product = np.empty((len(rows), weight.shape[0]), np.float32)
+    rows_matmul(rows, weight.stored, product)
+    out = np.empty_like(product)
+    bias_gelu(product, bias, out, 0, weight.shape[0])
+    return out.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def matmul_transposed(x, weight, out=None, workspace=None):
+    """`products.matmul_transposed` with a NarrowMatrix, the tied head: x: [..., K] @ weight.T,
+    weight [N, K] -> [..., N] (into `out` when given).
+
+    Up to FEW_ROWS rows by `rows_matmul`; more, BAND_ROWS rows of the head widened at a
+    time (into memory from `workspace` when given), each band's product by the BLAS.
+    """
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    N = weight.shape[0]
+    if out is None:
+        out = np.empty(x.shape[:-1] + (N,), np.float32)
+    flat = out.reshape(len(rows), N)
+    if len(rows) <= FEW_ROWS:
+        rows_matmul(rows, weight.stored, flat)
+        return out
+    band_rows = min(N, BAND_ROWS)
+    band = (np.empty if workspace is None else workspace.empty)((band_rows, weight.shape[1]), np.float32)
+    for n0 in range(0, N, band_rows):
+        n1 = min(N, n0 + band_rows)
+        # The BLAS writes a contiguous product; a band's columns of out are not contiguous.
+        product = _matmul_transposed(rows, weight.widen(n0, n1, band[:n1 - n0]))
+        flat[:, n0:n1] = product
+    return out
