@@ -1,7 +1,8 @@
 """The exceptions numpy-gpt2 raises for bad input.
 
 Every message names the thing that is wrong: the file, the tensor, the argument, and what was
-expected against what was found. `cli.py` turns these (and `OSError`) into one line on stderr.
+expected against what was found. The command line (`cli`) turns these (and `OSError`) into one
+line on stderr.
 """
 
 import reprlib
