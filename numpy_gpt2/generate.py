@@ -13,7 +13,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from . import kernels
 from .errors import GPT2Error
+from .threads import StepThreads
 
 _DEFAULT = object()
 
@@ -200,20 +202,26 @@ def _decode(model, ids, mask, max_new_tokens, sampling, rng, eos, pad, stops):
 
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]    # [B, V]
     positions = cache.key_mask[:, :T].sum(axis=1)  # each row's next position: padding does not count
-    for step in range(max_new_tokens):
-        # Kept lean: a step leaves the CPU's caches cold from its weights, so every NumPy call
-        # here costs more than it would alone (np.isin, for one, is avoided).
-        token = next_tokens(logits, sampling, rng)
-        token[finished] = pad
-        yield token
-        if len(eos):
-            finished |= (token[:, None] == eos).any(axis=1)
-        if stops.stops:
-            finished |= stops.update(token, finished)
-        if finished.all() or step == max_new_tokens - 1:
-            return
-        logits = model.decode_step(token, positions, cache)
-        positions += 1
+    # A few rows a step run in Numba's threads: all of them, or one while a core is taken.
+    threads = StepThreads(active=B <= kernels.FEW_ROWS)
+    try:
+        for step in range(max_new_tokens):
+            # Kept lean: a step leaves the CPU's caches cold from its weights, so every NumPy call
+            # here costs more than it would alone (np.isin, for one, is avoided).
+            token = next_tokens(logits, sampling, rng)
+            token[finished] = pad
+            yield token
+            if len(eos):
+                finished |= (token[:, None] == eos).any(axis=1)
+            if stops.stops:
+                finished |= stops.update(token, finished)
+            if finished.all() or step == max_new_tokens - 1:
+                return
+            with threads.step():
+                logits = model.decode_step(token, positions, cache)
+            positions += 1
+    finally:
+        threads.close()
 
 
 def generate(model, input_ids, max_new_tokens: int = 50, **kwargs) -> np.ndarray:

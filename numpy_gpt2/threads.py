@@ -26,6 +26,8 @@ others keeps it from getting a core back: one loop after another waits out a sli
 threads are started (`start_numba_threads`, on first use, never on import) with libgomp's spin
 cut to GOMP_SPINCOUNT=1000 rounds, about 30 us: longer than the gaps between a step's loops,
 much shorter than a time slice (see docs/performance.md, "Threads on a busy machine").
+Even then a step on all threads waits for the one whose core is taken, and one thread is
+faster: a decoding loop watches for that and changes its count (`StepThreads`).
 
 Which of OpenBLAS's kernel sets the products use can be chosen here too, by an explicit call
 that changes the whole process's NumPy (`choose_blas_kernels`, which the command line makes):
@@ -39,6 +41,7 @@ import ctypes
 import functools
 import os
 import threading
+import time
 
 import numba
 
@@ -214,6 +217,7 @@ def numba_threads() -> int:
 
 
 _parts = None  # threads for run_in_parts: set_threads(n), else the BLAS's own count (see _part_count)
+_chosen = False  # whether set_threads was called: then StepThreads keeps the count
 _pool, _pool_size = None, 0  # the other parts' threads, made on first use
 _pool_lock = threading.Lock()
 _blas_users, _blas_saved = 0, None  # see _blas_single_threaded
@@ -227,8 +231,8 @@ def set_threads(n: int) -> None:
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise GPT2Error(f"threads must be a positive integer, found {n!r}")
-    global _parts
-    _parts = n
+    global _parts, _chosen
+    _parts, _chosen = n, True
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(n)
     # Numba's pool has one thread per core (NUMBA_NUM_THREADS) and cannot grow past it.
@@ -326,3 +330,132 @@ def _blas_single_threaded(setter, getter):
             _blas_users -= 1
             if _blas_users == 0:
                 setter(ctypes.c_int(_blas_saved))
+
+
+# StepThreads' readings: the share of their run time our threads may wait for a core before
+# the loop drops to one thread (measured: quiet, 0.01; beside programs of lower priority, up to
+# 0.18; with a core held by a program of the same priority, 0.55), the idle cores that send it
+# back to all, and how long it looks each way.
+_WAIT_SHARE = 0.3
+_FREE_CORES = 0.6
+_ALL_WINDOW, _ONE_WINDOW = 0.1, 0.25  # seconds
+_PROBE_WAIT = (0.5, 8.0)  # seconds before trying all threads again: after a good try, at most
+
+
+def thread_times() -> tuple[int, int] | None:
+    """(run, wait): nanoseconds this process's threads have run, and waited runnable for a core,
+    summed over its threads (/proc/self/task/*/schedstat); None where the kernel does not say."""
+    run = wait = 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as stat:
+                fields = stat.read().split()
+            run, wait = run + int(fields[0]), wait + int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that has just ended
+    return (run, wait) if run else None
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(all, free): clock ticks of every core since boot, and of those the ones free for us:
+    idle, waiting for I/O, or running a program of lower priority (nice), as /proc/stat counts
+    them; None where it cannot be read."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    except (OSError, ValueError):
+        return None
+    return user + nice + system + idle + iowait + irq + softirq + steal, nice + idle + iowait
+
+
+class StepThreads:
+    """How many of Numba's threads a decoding loop's steps use: all, or one while another
+    program holds a core.
+
+    A step is about 60 short parallel loops. With a core taken, each loop waits for the thread
+    on that core to get it back, and a step on all threads is slower than on one (bench/busy.py).
+    The loop reads what the kernel counts rather than timing itself (a step's time says little:
+    the memory bandwidth it depends on swings from one moment to the next):
+    - on all threads, over a window of steps: the time our threads waited runnable for a core
+      against the time they ran (the run queue's wait, /proc/self/task/*/schedstat). A quarter
+      means a core is taken: go to one thread. A program of lower priority (nice) yields the
+      core when our thread wakes, so it barely shows, and the loop keeps all threads.
+    - on one thread: the machine's free time (/proc/stat: idle, and programs of lower
+      priority; our own time not counted). Once about a core is free, try all threads again,
+      judged as above; each failed try doubles the time before the next one.
+    Each output of a step is computed by one thread in one order whatever the count, so the
+    tokens do not depend on the choice. Only while nobody chose the count (`set_threads`), and
+    where the kernel gives the readings (Linux); `close()` puts back this thread's count.
+
+        threads = StepThreads(active=B <= kernels.FEW_ROWS)
+        try:
+            for step in range(n):
+                with threads.step():
+                    logits = model.decode_step(...)
+        finally:
+            threads.close()
+    """
+
+    def __init__(self, active: bool = True, clock=time.perf_counter, read_threads=thread_times,
+                 read_cpu=cpu_times):
+        self.all = numba_threads()
+        self.before = numba.get_num_threads()
+        self.clock, self.read_threads, self.read_cpu = clock, read_threads, read_cpu
+        self.active = active and not _chosen and self.all > 1 and read_threads() is not None
+        self.threads, self.trying = self.all, False
+        self.probe_wait, self.next_probe = _PROBE_WAIT[0], 0.0
+        if self.active:
+            self._start_window()
+
+    def _start_window(self) -> None:
+        self.started, self.cpu_started = self.clock(), time.process_time()
+        self.thread_readings, self.cpu_readings = self.read_threads(), self.read_cpu()
+
+    @contextlib.contextmanager
+    def step(self):
+        """Run the block (one decoding step) on the count in force; judge after a window."""
+        if not self.active:
+            yield
+            return
+        numba.set_num_threads(self.threads)
+        yield
+        now = self.clock()
+        if now - self.started >= (_ALL_WINDOW if self.threads > 1 else _ONE_WINDOW):
+            self.threads = self._all_or_one(now) if self.threads > 1 else self._one_or_all(now)
+            self._start_window()
+
+    def _all_or_one(self, now: float) -> int:
+        before, after = self.thread_readings, self.read_threads()
+        if before is None or after is None or after[0] <= before[0]:
+            return self.threads
+        waited = (after[1] - before[1]) / (after[0] - before[0])
+        trying, self.trying = self.trying, False
+        if waited < _WAIT_SHARE:
+            if trying:
+                self.probe_wait = _PROBE_WAIT[0]
+            return self.all
+        if trying:
+            self.probe_wait = min(2 * self.probe_wait, _PROBE_WAIT[1])
+        self.next_probe = now + self.probe_wait
+        return 1
+
+    def _one_or_all(self, now: float) -> int:
+        before, after = self.cpu_readings, self.read_cpu()
+        if before is None or after is None or after[0] <= before[0] or now < self.next_probe:
+            return 1
+        free = (os.cpu_count() or 1) * (after[1] - before[1]) / (after[0] - before[0])
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:  # our own time is counted as nice
+            free -= (time.process_time() - self.cpu_started) / (now - self.started)
+        if free < _FREE_CORES:
+            return 1
+        self.trying = True
+        return self.all
+
+    def close(self) -> None:
+        if self.active:
+            numba.set_num_threads(self.before)

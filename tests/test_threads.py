@@ -5,6 +5,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import time
 
 import numba
 import numpy as np
@@ -343,3 +344,129 @@ def test_a_model_loaded_first_starts_numbas_threads_with_the_short_spin(tiny_ref
                                        f"print(numba.threading_layer())\n")
     _needs_libgomp(stdout)
     assert settings["GOMP_SPINCOUNT"] == "1000"
+
+
+class _Readings:
+    """Fake kernel counters for StepThreads: a clock the test moves, our threads' (run, wait)
+    nanoseconds and the machine's (all, free) ticks, each advanced by a window's worth."""
+
+    def __init__(self):
+        self.now, self.run, self.wait, self.all, self.free = 0.0, 10**9, 0, 10**6, 0
+
+    def window(self, seconds, waited_share=0.0, free_cores=0.0, cores=os.cpu_count()):
+        self.now += seconds
+        ran = int(seconds * 1e9)
+        self.run, self.wait = self.run + ran, self.wait + int(waited_share * ran)
+        ticks = int(seconds * 100) * cores
+        self.all, self.free = self.all + ticks, self.free + int(ticks * free_cores / cores)
+
+
+def _chooser(readings):
+    return threads.StepThreads(clock=lambda: readings.now, read_threads=lambda: (readings.run, readings.wait),
+                               read_cpu=lambda: (readings.all, readings.free))
+
+
+def _step(chooser):
+    """One step under the chooser; the Numba thread count the step ran with."""
+    with chooser.step():
+        return numba.get_num_threads()
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one core: nothing to choose")
+def test_step_threads_drop_to_one_while_a_core_is_taken_and_come_back_when_it_is_free(monkeypatch):
+    monkeypatch.setattr(threads, "_chosen", False)  # as in a process where nobody called set_threads
+    readings = _Readings()
+    before = numba.get_num_threads()
+    chooser = _chooser(readings)
+    everything = chooser.all
+    assert _step(chooser) == everything
+    readings.window(0.1, waited_share=0.01)       # quiet: a few thousandths waited
+    assert _step(chooser) == everything
+    readings.window(0.1, waited_share=0.5)        # a core taken: half the run time waited
+    _step(chooser)                                # the step that ends the window judges it
+    assert _step(chooser) == 1
+    readings.window(0.3, free_cores=1.0)          # a core came free, but too soon to try again
+    _step(chooser)
+    assert _step(chooser) == 1
+    readings.window(0.3, free_cores=0.2)          # after the wait, no core free
+    _step(chooser)
+    assert _step(chooser) == 1
+    readings.window(0.3, free_cores=1.0)          # free: try all threads
+    _step(chooser)
+    assert _step(chooser) == everything
+    readings.window(0.1, waited_share=0.4)        # the try fails: back to one, wait doubled
+    _step(chooser)
+    assert _step(chooser) == 1 and chooser.probe_wait == 1.0
+    readings.window(0.6, free_cores=1.0)          # not yet: 1.0 s since the failed try
+    _step(chooser)
+    assert _step(chooser) == 1
+    readings.window(0.6, free_cores=1.0)
+    _step(chooser)
+    assert _step(chooser) == everything
+    readings.window(0.1, waited_share=0.02)       # the try holds: all threads, wait reset
+    _step(chooser)
+    assert _step(chooser) == everything and chooser.probe_wait == 0.5
+    chooser.close()
+    assert numba.get_num_threads() == before
+
+
+def test_step_threads_leave_a_chosen_count_alone():
+    readings = _Readings()
+    before = threads.get_threads() or 2
+    try:
+        threads.set_threads(1)
+        chooser = _chooser(readings)
+        readings.window(0.1, waited_share=0.9)   # would drop to one, had nobody chosen
+        _step(chooser)
+        readings.window(0.3, free_cores=2.0)
+        assert not chooser.active and _step(chooser) == 1
+    finally:
+        threads.set_threads(before)
+        threads._chosen = False  # as before any set_threads: the loops choose again
+
+
+def test_kernel_readings_against_the_clocks():
+    """thread_times and cpu_times against the process's CPU clock and the wall clock."""
+    run0, wait0 = threads.thread_times()
+    all0, free0 = threads.cpu_times()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    while time.perf_counter() - wall0 < 0.3:
+        pass
+    run1, wait1 = threads.thread_times()
+    all1, free1 = threads.cpu_times()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    # schedstat counts in nanoseconds what process_time counts; a timer tick (10 ms) apart
+    assert abs((run1 - run0) / 1e9 - cpu) < 0.02 and wait1 >= wait0
+    # /proc/stat: every core's ticks over the wall time, to a tick per core either side
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert abs((all1 - all0) / ticks - os.cpu_count() * wall) <= 2 * os.cpu_count() / ticks + 0.02
+    assert 0 <= free1 - free0 <= all1 - all0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to hold one")
+def test_decoding_drops_to_one_thread_beside_a_program_holding_a_core(long_ref, monkeypatch):
+    """A real spinning process pinned to one of our cores: the loop's own readings send it to
+    one thread, and the tokens are those of the quiet run."""
+    monkeypatch.setattr(threads, "_chosen", False)
+    model = GPT2.from_pretrained(long_ref.hub_dir)
+    ids = np.arange(8)[None]
+    quiet = model.generate(ids, max_new_tokens=150)
+    counts = []
+    step = model.decode_step
+
+    def counting_step(*args):
+        counts.append(numba.get_num_threads())
+        return step(*args)
+
+    core = sorted(os.sched_getaffinity(0))[-1]
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+    try:
+        model.decode_step = counting_step
+        deadline = time.perf_counter() + 20
+        while 1 not in counts and time.perf_counter() < deadline:
+            np.testing.assert_array_equal(model.generate(ids, max_new_tokens=150), quiet)
+    finally:
+        spinner.kill()
+        spinner.wait()
+        del model.decode_step
+    assert 1 in counts
