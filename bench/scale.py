@@ -1,6 +1,6 @@
 """Scale-out: two single-threaded Dask workers against one single-threaded process, scoring a corpus.
 
-    flock /tmp/bench.lock python bench/scale.py      # GPT-2 124M shape, about 3 minutes on 2 cores
+    flock /tmp/bench.lock python bench/scale.py      # GPT-2 124M shape, 30,000 tokens, about 3 minutes on 2 cores
     python bench/scale.py --quick                    # a tiny model and corpus, a smoke run, no PASS/MISS
     python bench/scale.py --workers 4 --tokens 40000 --out /tmp/results
 
@@ -18,7 +18,6 @@ The table goes to stdout and to `scale-latest.md`, every time to `scale-latest.j
 import argparse
 import datetime
 import json
-import logging
 import os
 import pathlib
 import random
@@ -96,12 +95,11 @@ def on_dask(workers: int, model: str, jobs, out: pathlib.Path) -> dict:
     "cpu_seconds": of the workers' processes during the last job}."""
     import distributed
 
-    from numpy_gpt2.cluster import LOCAL_ONLY, score_on_dask
+    from numpy_gpt2.cluster import local_cluster, score_on_dask
 
     times = {}
     start = time.perf_counter()
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                  silence_logs=logging.CRITICAL, **LOCAL_ONLY) as local, distributed.Client(local) as client:
+    with local_cluster(workers) as local, distributed.Client(local) as client:
         times["start"] = time.perf_counter() - start
         for name, paths, options in jobs:
             start, cpu = time.perf_counter(), client.run(time.process_time)
@@ -162,7 +160,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="bench/scale.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes, one thread each (default 2)")
     parser.add_argument("--tokens", type=int, default=None,
-                        help="tokens in the corpus (default 10,000; 1,000 with --quick)")
+                        help="tokens in the corpus (default 30,000; 1,000 with --quick)")
     parser.add_argument("--model", default=None,
                         help="a checkpoint (default: GPT-2 124M where found, else its shape with random weights; "
                              "with --quick a tiny 2-layer model)")
@@ -173,7 +171,7 @@ def parse_args(argv=None):
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.tokens is None:
-        args.tokens = 1000 if args.quick else 10000
+        args.tokens = 1000 if args.quick else 30000
     if args.tokens < 1:
         parser.error("--tokens must be at least 1")
     return args

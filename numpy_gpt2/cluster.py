@@ -36,6 +36,11 @@ TIMEOUT = 30  # seconds to wait for a scheduler to answer, and for its first wor
 # (health and metrics routes, which it always starts) on a free port of 127.0.0.1 rather than on
 # 8787, where another cluster may be.
 LOCAL_ONLY = dict(host="127.0.0.1", dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+# What the workers of a local cluster run with. Dask's statistical profiler samples every worker
+# thread's stack every 10 ms for the dashboard (which a local cluster here does not serve),
+# walking the stack with the GIL held; off, two workers scored more tokens per CPU second
+# (bench/scale.py; docs/cluster.md).
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 _PLUGIN = "numpy-gpt2-model"
 _load_lock = threading.Lock()
 _model_loads = 0  # models loaded by this process, for the tests: one per worker process, not per task
@@ -105,6 +110,19 @@ def _import_distributed():
     return distributed
 
 
+def local_cluster(n_workers: int, threads_per_worker: int = 1):
+    """A distributed.LocalCluster of `n_workers` processes on this machine, 127.0.0.1 only
+    (LOCAL_ONLY), running WORKER_CONFIG; the workers' logs stay quiet, since what goes wrong
+    reaches the caller as an exception. Use it as a context manager."""
+    import dask
+
+    distributed = _import_distributed()
+    # A worker process (its nanny) takes the configuration in force when it is made.
+    with dask.config.set(WORKER_CONFIG):
+        return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                                        silence_logs=logging.CRITICAL, **LOCAL_ONLY)
+
+
 @contextlib.contextmanager
 def _client(distributed, address: str):
     """A `distributed.Client` for `address` (see `score_on_dask`), closed on exit, with a
@@ -115,11 +133,8 @@ def _client(distributed, address: str):
         n_workers = int(local.group(1))
         if n_workers < 1:
             raise GPT2Error(f"Dask address {address!r}: local:N needs at least one worker process, found N = 0")
-        # The workers' logs stay quiet: what goes wrong reaches the caller as an exception.
-        with distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                      silence_logs=logging.CRITICAL, **LOCAL_ONLY) as cluster:
-            with distributed.Client(cluster) as client:
-                yield client
+        with local_cluster(n_workers) as cluster, distributed.Client(cluster) as client:
+            yield client
         return
     if re.fullmatch(r"tcp://[^/:\s]+:\d+", address) is None:
         raise GPT2Error(f"Dask address {address!r}: expected tcp://HOST:PORT (a running scheduler, as "

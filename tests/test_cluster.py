@@ -14,7 +14,6 @@ replace it.
 
 import contextlib
 import json
-import logging
 import math
 import os
 import pathlib
@@ -105,10 +104,8 @@ def reference(corpus, model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client():
     """A client of a local cluster of two single-threaded worker processes on 127.0.0.1."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, silence_logs=logging.CRITICAL,
-                                  **cluster.LOCAL_ONLY) as local:
-        with distributed.Client(local) as client:
-            yield client
+    with cluster.local_cluster(2) as local, distributed.Client(local) as client:
+        yield client
 
 
 def _score(client, corpus, model, out, options=None):
@@ -332,8 +329,7 @@ def test_a_bad_line_with_on_error_fail_stops_the_run(client, corpus, model, tmp_
 
 
 def test_a_worker_with_several_threads_is_refused(corpus, model, tmp_path):
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, silence_logs=logging.CRITICAL,
-                                  **cluster.LOCAL_ONLY) as local:
+    with cluster.local_cluster(1, threads_per_worker=2) as local:
         with pytest.raises(GPT2Error, match="runs 2 threads; numpy-gpt2 needs one per worker process: "
                                             "dask worker ADDRESS --nthreads 1"):
             cluster.score_on_dask([str(corpus / "*.jsonl")], tmp_path, local.scheduler_address, model, _options(),
@@ -346,6 +342,9 @@ def test_a_local_cluster_listens_on_127_0_0_1_only():
         processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
         listening = [c.laddr for p in processes for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
         assert len(client.scheduler_info()["workers"]) == 2
+        # Dask's profiler off in the workers (cluster.WORKER_CONFIG): no sampling callback runs.
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        assert set(profiling.values()) == {False}
     # The scheduler, its HTTP server, and each worker and its nanny: 2 + 2 x 2 ports at least.
     assert len(listening) >= 6 and {address.ip for address in listening} == {"127.0.0.1"}
 
