@@ -113,6 +113,37 @@ def peak_rss(path, weights: str, new_tokens: int, repeats: int) -> dict:
     return {"bytes": samples, "median": measure.median(samples), "command": command}
 
 
+def fixed_part(results: dict) -> list[str]:
+    """Lines that split a decoding step's time into what the bytes cost and what they do not.
+
+    The matrices' times streamed alone, over the three formats, fitted (least squares) as a fixed
+    part plus bytes / bandwidth; the rest of the step (attention, layer norms, the sampling, the
+    loop) is the decode row's step time less the matrices'. Both fixed parts are the same in every
+    format (the rest a little less for narrow weights), so they cap the ratio to float32 below the
+    ratio of the bytes.
+    """
+    import numpy as np
+
+    bounds = results["bounds"]
+    decode = next((c for c in results["cases"] if c["kind"] == "decode"), None)
+    if decode is None:
+        return []
+    nbytes = np.array([bounds[w]["bytes_per_step"] for w in WEIGHTS], float)
+    seconds = np.array([bounds[w]["seconds"] for w in WEIGHTS])
+    per_byte, fixed = np.polyfit(nbytes, seconds, 1)
+    rest = {w: 1 / decode["engines"][w]["median"] - bounds[w]["seconds"] for w in WEIGHTS}
+    step = {w: fixed + rest[w] + bounds[w]["bytes_per_step"] * per_byte for w in WEIGHTS}
+    caps = {w: step["float32"] / step[w] for w in ("bfloat16", "int8")}
+    return [
+        f"What bounds the decode ratios: the matrices' times above fit {fixed * 1e3:.1f} ms a step plus their bytes at "
+        f"{1 / per_byte / 1e9:.1f} GB/s (the fixed part: what each product costs whatever its bytes, a "
+        "parallel loop and a stream started and ended, four a block and the head); the rest of the step (attention, layer norms, "
+        "sampling, the loop) took " + ", ".join(f"{w} {rest[w] * 1e3:.1f} ms" for w in WEIGHTS) + ". Fewer bytes "
+        "shorten only the bytes' part: fixed + rest + bytes / bandwidth gives " + ", ".join(
+            f"{w} {caps[w]:.2f}x" for w in caps) + " of float32's tokens/s (the bytes alone would give " + ", ".join(
+            f"{w} {nbytes[0] / bounds[w]['bytes_per_step']:.2f}x" for w in caps) + ")."]
+
+
 def table(results: dict) -> str:
     head = ["measurement", *(f"numpy-gpt2 {w}" for w in WEIGHTS), "torch float32",
             "bfloat16 / float32", "int8 / float32", "targets", ""]
@@ -143,6 +174,7 @@ def table(results: dict) -> str:
         lines.append(f"| {w} | {b['bytes_per_step'] / 1e6:.0f} MB | {b['seconds'] * 1e3:.1f} ms | "
                      f"{b['bytes_per_s'] / 1e9:.1f} | {run._rate(b['tokens_per_s_ceiling'])} | "
                      f"{b['compute']['macs_per_s'] / 1e9:.1f} | {run._rate(b['compute']['tokens_per_s_ceiling'])} |")
+    lines += ["", *fixed_part(results)]
     if "peak_rss" in results:
         # The process around the weights (Python, NumPy, Numba, the tokenizer, buffers) is the
         # same whatever the weights: float32's peak less its matrices.
