@@ -347,14 +347,32 @@ def cli_server(tmp_path_factory):
     assert "Traceback" not in log.read_text()
 
 
+MEMORY_SLACK = 1.0  # MiB
+
+
+def _resident_mib(pid) -> float:
+    """The process's resident set (VmRSS) in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
 def test_load(cli_server, model, tokenizer):
-    """16 clients x 10 requests: 1 to 40 new tokens, prompts of 1 to 140 tokens, sampled and
-    greedy, n of 1 and 2, whole or streamed, some streams closed early: every completed
-    response equals generate alone; no errors (the client raises on any); the server answers after."""
+    """16 clients x 10 requests, three rounds: 1 to 40 new tokens, prompts of 1 to 140 tokens,
+    sampled and greedy, n of 1 and 2, whole or streamed, some streams closed early: every
+    completed response equals generate alone; no errors (the client raises on any); the
+    server's memory after the last two rounds is back to its level after the first, within
+    MEMORY_SLACK; the server answers after."""
     process, port = cli_server
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
     plan = _load_plan()
-    _run_load(client, plan, _expected_for(model, tokenizer, plan))
+    expected = _expected_for(model, tokenizer, plan)
+    resident = []
+    for _ in range(3):
+        _run_load(client, plan, expected)
+        time.sleep(1)  # closed streams' requests are cancelled by then (CLIENT_CHECK and a step)
+        resident.append(_resident_mib(process.pid))
+    print("resident MiB after each round:", resident)
+    assert resident[-1] - resident[0] <= MEMORY_SLACK, resident
     assert client.completions.create(model="fortunes", prompt="Luck", max_tokens=3, temperature=0).choices[0].text \
         == _expected(model, tokenizer, "Luck", 3, 0)[0]
     assert _health(port) == 200
