@@ -172,6 +172,7 @@ def _post(server, body: dict, path="/v1/completions", **kwargs):
     ({"prompt": "x", "best_of": 2}, 400, "best_of"),
     ({"prompt": "x", "max_tokens": 256}, 400, "max_tokens"),     # past the context of 256
     ({"prompt": "x " * 300}, 400, "max_tokens"),
+    ({"prompt": "x" * 1_000_000}, 400, "max_tokens"),              # just under the body's limit
     ({"prompt": [1, 99999]}, 400, "prompt"),
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "x", "stop": ""}, 400, "stop"),
@@ -273,6 +274,44 @@ def test_disconnect_frees_the_row(server, client, model, tokenizer):
     for sock in silent:
         sock.close()
     assert _wait_until(lambda: server.engine.active == 0, 10)
+
+
+def test_client_that_never_reads_is_dropped(model, tokenizer):
+    """A client that sends its request and never reads its stream (3 choices of 250 tokens with
+    5 alternatives each, over 300 KB, past what the kernel holds for it; "-" is continued with
+    dashes to the end, greedily): another client is answered while its rows still decode; its
+    connection is cut (no [DONE]) once a write has waited write_timeout, and its handler and
+    rows are freed."""
+    srv = Server("127.0.0.1", 0, write_timeout=1.0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    srv.load(model, tokenizer, "fortunes", max_batch=4, max_queue=8)
+    try:
+        silent = socket.socket()
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        silent.connect(("127.0.0.1", srv.server_address[1]))
+        body = json.dumps({"prompt": "-", "max_tokens": 250, "n": 3, "logprobs": 5, "stream": True,
+                           "temperature": 0}).encode()
+        silent.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert _wait_until(lambda: srv.engine.active == 3)
+        rows = list(srv.engine.rows)
+        status, answer = _post(srv, {"prompt": "Hello", "max_tokens": 8, "temperature": 0}, auth=False)
+        assert (status, answer["choices"][0]["text"]) == (200, _expected(model, tokenizer, "Hello", 8, 0)[0])
+        assert not any(r.cancelled.is_set() for r in rows)  # its handler still holds them
+        assert _wait_until(lambda: srv.engine.active == 0 and srv._working == 0, 30)
+        silent.settimeout(30)
+        received = b""
+        try:
+            while chunk := silent.recv(1 << 16):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        silent.close()
+        assert received.startswith(b"HTTP/1.1 200") and not received.endswith(b"data: [DONE]\n\n")
+    finally:
+        srv.stop()
+        thread.join(10)
 
 
 # Prompts of 1, 5, 6 and 140 tokens: a long one is prefilled while others are decoding.
