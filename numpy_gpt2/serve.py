@@ -542,6 +542,10 @@ class Server(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # Connections the kernel completes before the server accepts them. socketserver's 5 is
+    # overrun by a burst of clients (their connection requests are dropped and retried a
+    # second later, or answered with SYN cookies).
+    request_queue_size = 128
 
     def __init__(self, host="127.0.0.1", port=8000, api_key=None, write_timeout=30.0):
         self.api_key, self.write_timeout = api_key, write_timeout

@@ -417,6 +417,20 @@ def test_load(cli_server, model, tokenizer):
     assert _health(port) == 200
 
 
+def test_burst_of_connections_is_queued():
+    """32 clients connecting at once, before the server accepts any: the kernel completes every
+    connection at once (a listen queue of 5 drops the 7th's request: its connect times out)."""
+    srv = Server("127.0.0.1", 0)  # listening, not accepting
+    sockets = []
+    try:
+        for _ in range(32):
+            sockets.append(socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=2))
+    finally:
+        for sock in sockets:
+            sock.close()
+        srv.server_close()
+
+
 def test_health_before_the_model_is_loaded():
     srv = Server("127.0.0.1", 0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
