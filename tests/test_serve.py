@@ -413,7 +413,6 @@ def test_load(cli_server, model, tokenizer):
         _run_load(client, plan, expected)
         time.sleep(1)  # closed streams' requests are cancelled by then (CLIENT_CHECK and a step)
         resident.append(_resident_mib(process.pid))
-    print("resident MiB after each round:", resident)
     assert resident[-1] - resident[0] <= MEMORY_SLACK, resident
     assert client.completions.create(model="fortunes", prompt="Luck", max_tokens=3, temperature=0).choices[0].text \
         == _expected(model, tokenizer, "Luck", 3, 0)[0]
