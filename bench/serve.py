@@ -87,14 +87,19 @@ def concurrent_round(port, clients, max_tokens) -> dict:
 
 
 def start_server(path, clients, threads) -> tuple:
+    """`numpy-gpt2 serve` on a free port, once it answers /health -> (process, port); its stderr
+    goes to a temporary file, shown if it does not start."""
+    import tempfile
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = cli_command() + ["serve", "--model", str(path), "--port", str(port), "--max-batch", str(clients),
                                "--max-queue", str(2 * clients), "--threads", str(threads)]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stderr=log)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             connection.request("GET", "/health")
@@ -104,7 +109,8 @@ def start_server(path, clients, threads) -> tuple:
             pass
         time.sleep(0.5)
     process.kill()
-    raise RuntimeError("the server did not become ready in 300 s")
+    log.seek(0)
+    raise RuntimeError(f"the server did not become ready: {log.read()[-2000:].decode(errors='replace')}")
 
 
 def main(argv=None) -> int:

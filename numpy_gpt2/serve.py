@@ -31,6 +31,10 @@ MAX_PROMPTS = 16     # prompts per request
 MAX_LOGPROBS = 5     # alternatives per token, as OpenAI allows
 MAX_STOPS = 4
 CLIENT_CHECK = 0.2   # seconds between looks at whether a waiting client is still connected
+# Bytes of a client's unread answer the kernel may hold (Linux doubles it for its bookkeeping):
+# a client that stops reading blocks the server's next write once this much waits, and the
+# write timeout then drops it, instead of megabytes later (the default grows to 4 MiB).
+SEND_BUFFER = 64 << 10
 # The chat template: GPT-2 has none, so each message is a line "role: content", and the
 # assistant's turn starts on the line after; generation also stops where a new user line begins.
 CHAT_STOP = "\nuser:"
@@ -177,6 +181,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         """Quiet: the server's stderr is for its own messages."""
+
+    def setup(self):
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        super().setup()
 
     # ---- plumbing
 
@@ -534,6 +542,10 @@ class Server(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # Connections the kernel completes before the server accepts them. socketserver's 5 is
+    # overrun by a burst of clients (their connection requests are dropped and retried a
+    # second later, or answered with SYN cookies).
+    request_queue_size = 128
 
     def __init__(self, host="127.0.0.1", port=8000, api_key=None, write_timeout=30.0):
         self.api_key, self.write_timeout = api_key, write_timeout

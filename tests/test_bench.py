@@ -238,3 +238,30 @@ def test_a_miss_is_never_printed_as_its_target():
     assert run._ratio(1.2986, 1.3) == "1.299x"
     assert run._ratio(1.3, 1.3) == "1.30x" and run._ratio(1.2949, 1.3) == "1.29x"
     assert run._ratio(2.55, None) == "2.55x"
+
+
+def test_serve_quick_run_writes_results(tmp_path):
+    # Reference: numpy-gpt2's greedy `generate` alone (held to transformers in test_generate.py):
+    # each streamed completion the bench counts has the tokens generate makes for its prompt
+    # (up to end-of-text), so the rates divide the right counts.
+    from numpy_gpt2.tokenizer import Tokenizer
+    from numpy_gpt2.weights.resolve import resolve_model
+
+    done = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--model", "fortunes", "--clients", "2",
+                           "--tokens", "6", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    latest = json.loads((tmp_path / "serve-latest.json").read_text())
+    model, tokenizer = GPT2.from_pretrained(resolve_model("fortunes")), Tokenizer.default()
+    prompt = np.array(tokenizer.encode("The history of the city begins"))  # bench/serve.py's PROMPTS[0]
+    new = model.generate(prompt, max_new_tokens=6)[0, len(prompt):]
+    eos = np.flatnonzero(new == model.config.eos_token_id)
+    assert [r["tokens"] for r in latest["alone"]] == [eos[0] + 1 if len(eos) else 6]
+    assert len(latest["together"]) == 1 and latest["together"][0]["tokens_per_s"] > 0
+    for key in ("in_process_decode_tokens_per_s", "one_client_decode_tokens_per_s", "aggregate_tokens_per_s",
+                "ttft_median_s", "ttft_max_s"):
+        assert latest[key] > 0, key
+    table = (tmp_path / "serve-latest.md").read_text()
+    assert ">= 0.90x" in table and ">= 2.5x" in table and "time to first token" in table
+    assert table.strip() in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serve-latest.json", "serve-latest.md"]
