@@ -306,7 +306,7 @@ class GPT2:
             without one
         logits_to_keep: return logits for the last this-many positions only; 0 keeps all
         head: False returns the final hidden states (after ln_f) instead of the logits, for a
-            caller that applies the head to some of them itself (`score`, in chunks of rows)
+            caller that applies the head (`head`) to some of them itself (`score`, in chunks of rows)
         -> logits (B, T or logits_to_keep, V), or hidden states (B, T or logits_to_keep, C), in
         the model's dtype
         """
@@ -380,10 +380,15 @@ class GPT2:
     def _head(self, x):
         """x: [B, T, C] -> logits [B, T, V] = x @ wte.T: the output head is the embedding, tied."""
         B, T, _ = x.shape
-        logits = self.workspace.logits.empty((B, T, self.config.vocab_size), self.dtype)
+        return self.head(x, self.workspace.logits.empty((B, T, self.config.vocab_size), self.dtype))
+
+    def head(self, x, out):
+        """x: [..., C] final hidden states (after ln_f) -> out: [..., V] = x @ wte.T, the logits
+        (the tied head, by the products for how wte is kept); for a caller that applies the head
+        to rows of its own choosing (`forward(head=False)`, `score`)."""
         if self.weights == "float32":
-            return kernels.matmul_transposed(x, self.wte, logits)
-        return narrow.matmul_transposed(x, self.wte, logits, self.workspace)
+            return kernels.matmul_transposed(x, self.wte, out)
+        return narrow.matmul_transposed(x, self.wte, out, self.workspace)
 
     def _embed(self, ids, positions):
         """ids, positions: [B, T] -> x: [B, T, C] = wte[ids] + wpe[positions] (`ops.embedding`)."""

@@ -265,6 +265,20 @@ def test_model_forward_and_decoding_match_transformers_on_narrowed_weights(tiny_
     _assert_prompt_and_steps_match(model, ids, expected)
 
 
+@pytest.mark.parametrize("kind", NARROW)
+def test_score_with_narrow_weights_is_transformers_log_softmax(tiny_ref, kind):
+    """`score_ids` (its own head, applied in chunks of rows) against torch's log-softmax of
+    transformers' logits on the same narrowed weights; a log-probability is a logit less the
+    row's log-sum-exp, each within the logits' tolerance, so twice it."""
+    from numpy_gpt2.score import score_ids
+
+    ids = np.random.default_rng(7).integers(0, 1000, 30)
+    logits = _narrowed_reference_logits(tiny_ref, ids[None], kind)[0]
+    expected = torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy()[np.arange(29), ids[1:]]
+    got = score_ids(GPT2.from_pretrained(tiny_ref.hub_dir, weights=kind), ids, top_k=3)
+    np.testing.assert_allclose(got.logprobs, expected, rtol=0, atol=2 * tolerance(logits, "float32"))
+
+
 def test_float64_with_narrow_weights_is_refused(tiny_ref, capsys):
     with pytest.raises(GPT2Error, match="needs weights='float32'"):
         GPT2.from_pretrained(tiny_ref.hub_dir, dtype="float64", weights="int8")
