@@ -128,7 +128,8 @@ def _narrow(tensors, name: str, weights: str) -> narrow.NarrowMatrix:
     # A view of the file (float32, or float16 kept as float16): each band's pages are handed back
     # once it is converted (wte's bands are contiguous in the file; the blocks' matrices,
     # transposed, go whole after).
-    matrix = narrow.narrow_matrix(array if name == "wte.weight" else array.T, weights, done=release_pages, name=name)
+    label = f"{tensors.checkpoint.path}: tensor {name}" if converted else f"tensor {name}"  # for its errors
+    matrix = narrow.narrow_matrix(array if name == "wte.weight" else array.T, weights, done=release_pages, name=label)
     release_pages(array)
     return matrix
 

@@ -374,7 +374,7 @@ def test_float16_weights_refuse_a_value_they_cannot_keep_and_name_the_tensor(tin
     tensors = load_file(str(tmp_path / "f16" / "model.safetensors"))
     tensors["wte.weight"][3, 4] = np.inf
     path = saved("inf", tensors)
-    with pytest.raises(GPT2Error, match="wte.weight holds inf, which float16 cannot keep"):
+    with pytest.raises(GPT2Error, match="inf/model.safetensors: tensor wte.weight holds inf, which float16 cannot keep"):
         GPT2.from_pretrained(path)
     assert main(["info", "--model", str(path)]) == 1
     err = capsys.readouterr().err
