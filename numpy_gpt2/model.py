@@ -76,6 +76,7 @@ class _Converted:
 
     A conversion (float64, or from bfloat16) is a copy; made one at a time, each one is freed
     as soon as the model has made its own layout from it, instead of all being held at once.
+    float16 weights from a float16 file skip it (`stored_float16`).
     """
 
     def __init__(self, checkpoint: Checkpoint, dtype):
@@ -98,26 +99,37 @@ class _Converted:
         release_pages(q)
         return matrix
 
+    def stored_float16(self, name: str) -> np.ndarray | None:
+        """Tensor `name` as a float16 file stores it (a view of the file, no float32 copy made),
+        or None when the file does not store it in float16."""
+        return self.checkpoint.tensors[name] if self.checkpoint.file_dtypes.get(name) == "F16" else None
+
 
 def default_weights(checkpoint: Checkpoint) -> str:
     """The weights a checkpoint keeps by default: "int8" for a numpy-gpt2 int8 file, "bfloat16"
-    when every matrix is stored in bfloat16 (no rounding then), else "float32". float16 is
-    widened: bfloat16 would drop 3 bits of its mantissa."""
+    or "float16" when every matrix is stored in that dtype (no rounding then), else "float32"."""
     if checkpoint.quantized:
         return "int8"
     matrices = [name for name, shape in expected_shapes(checkpoint.config).items() if len(shape) == 2]
-    return "bfloat16" if all(checkpoint.file_dtypes[name] == "BF16" for name in matrices) else "float32"
+    for weights, file_dtype in (("bfloat16", "BF16"), ("float16", "F16")):
+        if all(checkpoint.file_dtypes[name] == file_dtype for name in matrices):
+            return weights
+    return "float32"
 
 
 def _narrow(tensors, name: str, weights: str) -> narrow.NarrowMatrix:
     """Matrix `name` of `tensors` (a dict, or a checkpoint's `_Converted`) as a NarrowMatrix of
     `weights` over its [out, in] rows (wte: its own [V, C] rows)."""
-    if weights == "int8" and isinstance(tensors, _Converted) and (stored := tensors.stored_int8(name)) is not None:
+    converted = isinstance(tensors, _Converted)
+    if weights == "int8" and converted and (stored := tensors.stored_int8(name)) is not None:
         return stored
-    array = tensors[name]
-    # A view of a float32 file: each band's pages are handed back once it is converted (wte's
-    # bands are contiguous in the file; the blocks' matrices, transposed, go whole after).
-    matrix = narrow.narrow_matrix(array if name == "wte.weight" else array.T, weights, done=release_pages)
+    array = tensors.stored_float16(name) if weights == "float16" and converted else None
+    array = tensors[name] if array is None else array
+    # A view of the file (float32, or float16 kept as float16): each band's pages are handed back
+    # once it is converted (wte's bands are contiguous in the file; the blocks' matrices,
+    # transposed, go whole after).
+    label = f"{tensors.checkpoint.path}: tensor {name}" if converted else f"tensor {name}"  # for its errors
+    matrix = narrow.narrow_matrix(array if name == "wte.weight" else array.T, weights, done=release_pages, name=label)
     release_pages(array)
     return matrix
 
@@ -178,8 +190,8 @@ class GPT2:
     Build it with `GPT2.from_pretrained(name_or_path)`; call it on token ids to get logits.
     `dtype` is "float32" (the default, what the checkpoints hold) or "float64" (reference
     precision: every activation and weight in double). `weights` is how the matrices (the
-    blocks' and the tied head) are kept: "float32", or narrow, "bfloat16" or "int8" (see
-    `kernels.narrow`), with float32 arithmetic.
+    blocks' and the tied head) are kept: "float32", or narrow, "bfloat16", "float16" or "int8"
+    (see `kernels.narrow`), with float32 arithmetic.
     """
 
     def __init__(self, config: GPT2Config, tensors, dtype="float32", path: str | None = None, weights="float32"):
@@ -245,9 +257,9 @@ class GPT2:
         and the blocks' tensors are copied once, the latter into one array with the matrices in
         their own layout (see `memory.in_own_memory`, `memory.blocks_in_one_array`), and the file
         pages they came from handed back. `n_head` is needed only for a bare .safetensors file of a size that
-        matches no preset. `weights`: how the matrices are kept, "float32", "bfloat16" or
-        "int8" (see `kernels.narrow`); None keeps a bfloat16 or int8 file's own precision and
-        widens anything else (float16 too) to float32.
+        matches no preset. `weights`: how the matrices are kept, "float32", "bfloat16",
+        "float16" or "int8" (see `kernels.narrow`); None keeps a bfloat16, float16 or int8
+        file's own precision and anything else in float32 (float64 compute: float32 always).
         """
         return cls.from_checkpoint(load_checkpoint(resolve_model(name_or_path), n_head=n_head), dtype, weights)
 
@@ -295,7 +307,7 @@ class GPT2:
             without one
         logits_to_keep: return logits for the last this-many positions only; 0 keeps all
         head: False returns the final hidden states (after ln_f) instead of the logits, for a
-            caller that applies the head to some of them itself (`score`, in chunks of rows)
+            caller that applies the head (`head`) to some of them itself (`score`, in chunks of rows)
         -> logits (B, T or logits_to_keep, V), or hidden states (B, T or logits_to_keep, C), in
         the model's dtype
         """
@@ -369,10 +381,15 @@ class GPT2:
     def _head(self, x):
         """x: [B, T, C] -> logits [B, T, V] = x @ wte.T: the output head is the embedding, tied."""
         B, T, _ = x.shape
-        logits = self.workspace.logits.empty((B, T, self.config.vocab_size), self.dtype)
+        return self.head(x, self.workspace.logits.empty((B, T, self.config.vocab_size), self.dtype))
+
+    def head(self, x, out):
+        """x: [..., C] final hidden states (after ln_f) -> out: [..., V] = x @ wte.T, the logits
+        (the tied head, by the products for how wte is kept); for a caller that applies the head
+        to rows of its own choosing (`forward(head=False)`, `score`)."""
         if self.weights == "float32":
-            return kernels.matmul_transposed(x, self.wte, logits)
-        return narrow.matmul_transposed(x, self.wte, logits, self.workspace)
+            return kernels.matmul_transposed(x, self.wte, out)
+        return narrow.matmul_transposed(x, self.wte, out, self.workspace)
 
     def _embed(self, ids, positions):
         """ids, positions: [B, T] -> x: [B, T, C] = wte[ids] + wpe[positions] (`ops.embedding`)."""

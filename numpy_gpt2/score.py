@@ -232,7 +232,7 @@ def _head_logprobs(model, rows, targets, k: int):
     The head's product is made _HEAD_ROWS rows at a time into one buffer from the model's
     workspace, and each chunk is reduced before the next is made.
     """
-    M, V = len(rows), len(model.wte)
+    M, V = len(rows), model.config.vocab_size
     logprobs = np.empty(M)
     top_ids, top_logprobs = np.empty((M, k), np.int64), np.empty((M, k))
     chunk = min(M, _HEAD_ROWS)
@@ -240,7 +240,7 @@ def _head_logprobs(model, rows, targets, k: int):
     for start in range(0, M, chunk):
         stop = min(start + chunk, M)
         part = logits[:stop - start]
-        kernels.matmul_transposed(rows[start:stop], model.wte, part)
+        model.head(rows[start:stop], part)
         logprobs[start:stop] = kernels.token_logprobs(part, targets[start:stop], top_ids[start:stop],
                                                       top_logprobs[start:stop])
     return logprobs, (top_ids, top_logprobs)

@@ -92,10 +92,10 @@ def _add_model_args(parser):
                              "(default: gpt2 if found, else fortunes)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="compute dtype (default: float32)")
-    parser.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default=None,
-                        help="how the weight matrices are kept: float32, bfloat16 (half the bytes, faster "
-                             "decoding) or int8 (a quarter of the bytes, fastest); computing stays float32 "
-                             "(default: a bfloat16 or int8 file's own, else float32)")
+    parser.add_argument("--weights", choices=("float32", "bfloat16", "float16", "int8"), default=None,
+                        help="how the weight matrices are kept: float32, bfloat16 or float16 (half the "
+                             "bytes, faster decoding) or int8 (a quarter of the bytes, fastest); computing "
+                             "stays float32 (default: a bfloat16, float16 or int8 file's own, else float32)")
     parser.add_argument("--n-head", type=_positive_int, default=None,
                         help="number of heads, for a bare .safetensors file of no preset size")
 

@@ -1,17 +1,19 @@
-"""Narrow weights: matrices kept in bfloat16 or int8 and widened to float32 as they are used.
+"""Narrow weights: matrices kept in bfloat16, float16 or int8 and widened to float32 as they are used.
 
 A decoding step reads every weight once per token, so its speed is the bytes it reads: half of
-them in bfloat16, a bit over a quarter in int8. The arithmetic stays float32.
+them in bfloat16 or float16, a bit over a quarter in int8. The arithmetic stays float32.
 
 - bfloat16: the upper 16 bits of each float32 (`weights.dtypes.bfloat16_bits`, rounded to
   nearest even); widening is a shift, so the values used are exactly the stored ones.
+- float16: IEEE half precision (rounded to nearest even, as NumPy rounds), finite values only.
+  Numba has no float16, so it is widened by its bits (`_widen_float16_row`), exactly too.
 - int8: llama.cpp's q8_0. Each row of a matrix stored [out, in] is cut into groups of GROUP
   consecutive inputs; a group keeps one float32 scale d = max |w| / 127 and its weights
   q = round(w / d) in [-127, 127], so w is read back as q * d. When `in` is not a multiple of
   GROUP the last group of each row is the shorter remainder, with its own scale.
 
-Both live in a `NarrowMatrix`. Up to FEW_ROWS rows (decoding) a product reads the narrow rows
-directly (`rows_matmul`: a bfloat16 row widened into a float32 row buffer in L1, then dotted;
+All live in a `NarrowMatrix`. Up to FEW_ROWS rows (decoding) a product reads the narrow rows
+directly (`rows_matmul`: a 16-bit row widened into a float32 row buffer in L1, then dotted;
 an int8 group summed as float32(q) * x, then scaled), accumulating in float32. Many rows (a
 prompt) widen the matrix into a float32 buffer (the tied head a band of BAND_ROWS rows at a
 time) that the BLAS multiplies as it multiplies float32 weights (`linear`, `linear_gelu`,
@@ -20,7 +22,9 @@ time) that the BLAS multiplies as it multiplies float32 weights (`linear`, `line
 
 import numba
 import numpy as np
+from numba.extending import overload
 
+from ..errors import GPT2Error
 from .common import FAST, FEW_ROWS, PARALLEL
 from .decode import dot_rows, rows_matmul
 from .elementwise import bias_gelu
@@ -28,7 +32,7 @@ from .products import linear as _linear
 from .products import linear_gelu as _linear_gelu
 from .products import matmul_transposed as _matmul_transposed
 
-WEIGHTS = ("float32", "bfloat16", "int8")
+WEIGHTS = ("float32", "bfloat16", "float16", "int8")
 GROUP = 32  # int8: consecutive inputs of a row sharing one scale, as llama.cpp's q8_0
 # The tied head [V, C] is made narrow at load and widened for a prompt this many rows at a time,
 # so that no float32 copy of all of it is ever made (the blocks' matrices are widened whole).
@@ -39,6 +43,8 @@ class NarrowMatrix:
     """A weight matrix as [N out, K in] rows in a narrow format.
 
     kind "bfloat16": `stored` is the bits, uint16 [N, K].
+    kind "float16": `stored` is the bits, int16 [N, K]: a type of its own, because jitted code
+    (`decode.rows_matmul`, `widen_row`) knows how to widen 16 bits by their type alone.
     kind "int8": `stored` is (q int8 [N, K], scales float32 [N, ceil(K / GROUP)]).
     The model's `Linear.weight` is one of these when its weights are narrow: the rows of the
     matrix it multiplies by (the [in, out] weight of the file, transposed).
@@ -50,7 +56,7 @@ class NarrowMatrix:
     @property
     def shape(self) -> tuple:
         """(N, K): the rows' shape."""
-        return (self.stored if self.kind == "bfloat16" else self.stored[0]).shape
+        return (self.stored[0] if self.kind == "int8" else self.stored).shape
 
     @property
     def size(self) -> int:
@@ -59,26 +65,26 @@ class NarrowMatrix:
 
     @property
     def nbytes(self) -> int:
-        return self.stored.nbytes if self.kind == "bfloat16" else sum(a.nbytes for a in self.stored)
+        return sum(a.nbytes for a in self.stored) if self.kind == "int8" else self.stored.nbytes
 
     def widen(self, n0: int = 0, n1: int | None = None, out=None) -> np.ndarray:
         """Rows n0:n1 as float32 [n1 - n0, K], into `out` when given."""
         n1 = self.shape[0] if n1 is None else n1
         if out is None:
             out = np.empty((n1 - n0, self.shape[1]), np.float32)
-        if self.kind == "bfloat16":
-            _widen_bfloat16(self.stored, n0, n1, out)
-        else:
+        if self.kind == "int8":
             _widen_int8(*self.stored, GROUP, n0, n1, out)
+        else:
+            _widen_half(self.stored, n0, n1, out)
         return out
 
     def take(self, ids, out) -> np.ndarray:
         """out: [..., K] float32 = the rows `ids` [...] (the embedding lookup), widened."""
         flat_ids, flat_out = ids.reshape(-1), out.reshape(-1, self.shape[1])
-        if self.kind == "bfloat16":
-            _take_bfloat16(self.stored, flat_ids, flat_out)
-        else:
+        if self.kind == "int8":
             _take_int8(*self.stored, GROUP, flat_ids, flat_out)
+        else:
+            _take_half(self.stored, flat_ids, flat_out)
         return out
 
 
@@ -95,30 +101,47 @@ def int8_matrix(rows, done=None) -> NarrowMatrix:
     return narrow_matrix(rows, "int8", done)
 
 
-def narrow_matrix(rows, weights: str, done=None) -> NarrowMatrix:
-    """rows: float [N, K] -> a NarrowMatrix of `weights` ("bfloat16" or "int8").
+def narrow_matrix(rows, weights: str, done=None, name: str = "the matrix") -> NarrowMatrix:
+    """rows: float [N, K] -> a NarrowMatrix of `weights` ("bfloat16", "float16" or "int8").
 
     Made BAND_ROWS rows at a time, so the float32 copies it takes are of a band, not of the
     matrix; `done(band)`, when given, is called with each band of `rows` once it is converted
-    (for the model to hand back the file pages it came from).
+    (for the model to hand back the file pages it came from). float16 keeps finite values only:
+    one beyond its range, or an inf or NaN, is a GPT2Error naming the matrix `name`.
     """
     from ..weights.dtypes import bfloat16_bits
 
     N, K = rows.shape
-    if weights == "bfloat16":
-        stored = np.empty((N, K), np.uint16)
-    else:
+    if weights == "int8":
         stored = (np.empty((N, K), np.int8), np.empty((N, -(-K // GROUP)), np.float32))
+    else:
+        stored = np.empty((N, K), np.uint16 if weights == "bfloat16" else np.int16)
     for n0 in range(0, N, BAND_ROWS):
         band = rows[n0:n0 + BAND_ROWS]
         if weights == "bfloat16":
             stored[n0:n0 + BAND_ROWS] = bfloat16_bits(band)
+        elif weights == "float16":
+            stored[n0:n0 + BAND_ROWS] = _float16(band, name).view(np.int16)
         else:
             _quantize_int8(np.ascontiguousarray(band, dtype=np.float32), stored[0][n0:n0 + BAND_ROWS],
                            stored[1][n0:n0 + BAND_ROWS])
         if done is not None:
             done(band)
     return NarrowMatrix(weights, stored)
+
+
+def _float16(band, name: str) -> np.ndarray:
+    """band: float [n, K] -> float16 [n, K], each value rounded to nearest even (NumPy's cast);
+    a value that does not become a finite half is a GPT2Error naming matrix `name`."""
+    with np.errstate(over="ignore"):  # an overflow is reported below, with the tensor's name
+        half = band.astype(np.float16)
+    bad = ~np.isfinite(half)
+    if bad.any():
+        value = band[bad][0]
+        why = (f"{float(value):.7g}, beyond float16's largest finite value 65504" if np.isfinite(value)
+               else f"{value}, which float16 cannot keep")
+        raise GPT2Error(f"{name} holds {why}; load it with float32 or bfloat16 weights")
+    return half
 
 
 @numba.njit(**PARALLEL)
@@ -145,13 +168,52 @@ def _quantize_int8(rows, q, scales):
 
 # ---- widening ---------------------------------------------------------------------------------
 
+@numba.njit(inline="always", **FAST)
+def _widen_bfloat16_row(bits, row):
+    """row: float32 [K] = the bfloat16 values bits: uint16 [K], exactly: the upper half of a float32."""
+    wide = row.view(np.uint32)
+    for k in range(len(bits)):
+        wide[k] = np.uint32(bits[k]) << 16
+
+
+# A half's exponent is biased by 15, a float32's by 127: its bits moved into a float32's place
+# stand for the value times 2**(15 - 127), undone by one exact multiplication. Half subnormals,
+# float32 subnormals when moved, come out of it as the float32 normals they are.
+_HALF_SIGN, _HALF_MAGNITUDE = np.uint32(0x8000), np.uint32(0x7FFF)
+_HALF_BIAS_SCALE = np.float32(2.0 ** (127 - 15))
+
+
+@numba.njit(inline="always", **FAST)
+def _widen_float16_row(bits, row):
+    """row: float32 [K] = the finite float16 values bits: int16 [K], exactly (see `_HALF_BIAS_SCALE`)."""
+    wide = row.view(np.uint32)
+    for k in range(len(bits)):
+        h = np.uint32(bits[k])  # the sign extended to 32 bits, which the masks drop
+        wide[k] = ((h & _HALF_SIGN) << np.uint32(16)) | ((h & _HALF_MAGNITUDE) << np.uint32(13))
+    for k in range(len(row)):
+        row[k] *= _HALF_BIAS_SCALE
+
+
+def widen_row(bits, row):
+    """row: float32 [K] = the 16-bit floats bits: [K], bfloat16 (uint16) or float16 (int16), exactly.
+
+    Jitted code calls it too: the overload below picks the widening by the type when compiling.
+    """
+    (_widen_bfloat16_row if bits.dtype == np.uint16 else _widen_float16_row)(bits, row)
+
+
+@overload(widen_row, jit_options=FAST, inline="always")
+def _widen_row_typed(bits, row):
+    if bits.dtype == numba.types.uint16:
+        return lambda bits, row: _widen_bfloat16_row(bits, row)
+    return lambda bits, row: _widen_float16_row(bits, row)
+
+
 @numba.njit(**PARALLEL)
-def _widen_bfloat16(bits, n0, n1, out):
-    """out [n1 - n0, K] float32 = the bfloat16 rows bits[n0:n1] (uint16), exactly."""
-    wide = out.reshape(-1).view(np.uint32).reshape(out.shape)
+def _widen_half(bits, n0, n1, out):
+    """out [n1 - n0, K] float32 = the 16-bit rows bits[n0:n1] (see `widen_row`), exactly."""
     for n in numba.prange(n1 - n0):
-        for k in range(bits.shape[1]):
-            wide[n, k] = np.uint32(bits[n0 + n, k]) << 16
+        widen_row(bits[n0 + n], out[n])
 
 
 @numba.njit(**PARALLEL)
@@ -170,11 +232,9 @@ def _widen_int8(q, scales, group, n0, n1, out):
 
 
 @numba.njit(**FAST)
-def _take_bfloat16(bits, ids, out):
-    wide = out.view(np.uint32)
+def _take_half(bits, ids, out):
     for i in range(len(ids)):
-        for k in range(bits.shape[1]):
-            wide[i, k] = np.uint32(bits[ids[i], k]) << 16
+        widen_row(bits[ids[i]], out[i])
 
 
 @numba.njit(**FAST)
@@ -190,22 +250,21 @@ def _take_int8(q, scales, group, ids, out):
 # ---- a few rows: decoding ---------------------------------------------------------------------
 
 @numba.njit(**PARALLEL)
-def bfloat16_rows_matmul(x, bits, out):
-    """out: [M, N] = x: [M, K] @ widened(bits).T, bits: uint16 [N, K], for a few rows M.
+def half_rows_matmul(x, bits, out):
+    """out: [M, N] = x: [M, K] @ widened(bits).T, bits: [N, K] bfloat16 (uint16) or float16
+    (int16), for a few rows M.
 
     Twin of `decode.few_rows_matmul` on the widened rows: each row is widened into a float32
-    buffer (in L1) and dotted with four rows of x at a time, so the float32 sums are those of
-    few_rows_matmul on the widened matrix, up to their order.
+    buffer (in L1, `widen_row`) and dotted with four rows of x at a time, so the float32 sums
+    are those of few_rows_matmul on the widened matrix, up to their order.
     """
     N, K = bits.shape
     n_blocks = min(N, 256)
     per_block = (N + n_blocks - 1) // n_blocks
     for block in numba.prange(n_blocks):
-        wide = np.empty(K, np.uint32)
-        row = wide.view(np.float32)
+        row = np.empty(K, np.float32)
         for n in range(block * per_block, min(N, (block + 1) * per_block)):
-            for k in range(K):
-                wide[k] = np.uint32(bits[n, k]) << 16
+            widen_row(bits[n], row)
             dot_rows(row, x, out, n)
 
 
