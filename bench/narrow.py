@@ -1,4 +1,4 @@
-"""Narrow weights against float32 (issue 20): numpy-gpt2 with float32, bfloat16 and int8 weights,
+"""Narrow weights against float32 (issue 20): numpy-gpt2 with float32, bfloat16, float16 and int8 weights,
 and torch's float32, side by side in one run on the GPT-2 124M shape.
 
     python bench/narrow.py              # the full run, a few minutes
@@ -10,8 +10,8 @@ turn, rotating order, a pause before each, median of the repeats):
 - decode batch 1 after an 8-token prompt: tokens/s of the steps after the first new token;
 - prefill 512, last logits, and all logits: prompt tokens/s;
 - peak RSS of `numpy-gpt2 generate --weights W` (32 tokens), each in a fresh process.
-Targets, against numpy-gpt2's own float32 in the same run: decode bfloat16 >= 1.7x, int8 >=
-2.5x; prefill >= 0.9x; peak RSS bfloat16 <= 0.6x, int8 <= 0.4x.
+Targets, against numpy-gpt2's own float32 in the same run: decode bfloat16 and float16 >= 1.7x,
+int8 >= 2.5x; prefill >= 0.9x; peak RSS bfloat16 and float16 <= 0.6x, int8 <= 0.4x.
 
 What bounds decoding, measured in the same run for every weights kind: every matrix of a step
 (the blocks' four and the tied head) streamed once through the kernel a step uses
@@ -33,10 +33,11 @@ import time
 import measure
 import run
 
-WEIGHTS = ("float32", "bfloat16", "int8")
-DECODE_TARGETS = {"bfloat16": 1.7, "int8": 2.5}
+WEIGHTS = ("float32", "bfloat16", "float16", "int8")
+NARROW = WEIGHTS[1:]
+DECODE_TARGETS = {"bfloat16": 1.7, "float16": 1.7, "int8": 2.5}
 PREFILL_TARGET = 0.9
-RSS_TARGETS = {"bfloat16": 0.6, "int8": 0.4}
+RSS_TARGETS = {"bfloat16": 0.6, "float16": 0.6, "int8": 0.4}
 
 
 def narrow_engine(path, threads, weights):
@@ -133,7 +134,7 @@ def fixed_part(results: dict) -> list[str]:
     per_byte, fixed = np.polyfit(nbytes, seconds, 1)
     rest = {w: 1 / decode["engines"][w]["median"] - bounds[w]["seconds"] for w in WEIGHTS}
     step = {w: fixed + rest[w] + bounds[w]["bytes_per_step"] * per_byte for w in WEIGHTS}
-    caps = {w: step["float32"] / step[w] for w in ("bfloat16", "int8")}
+    caps = {w: step["float32"] / step[w] for w in NARROW}
     return [
         f"What bounds the decode ratios: the matrices' times above fit {fixed * 1e3:.1f} ms a step plus their bytes at "
         f"{1 / per_byte / 1e9:.1f} GB/s (the fixed part: what each product costs whatever its bytes, a "
@@ -146,21 +147,21 @@ def fixed_part(results: dict) -> list[str]:
 
 def table(results: dict) -> str:
     head = ["measurement", *(f"numpy-gpt2 {w}" for w in WEIGHTS), "torch float32",
-            "bfloat16 / float32", "int8 / float32", "targets", ""]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * 6 + ["---", "---"]) + "|"]
+            *(f"{w} / float32" for w in NARROW), "targets", ""]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 3) + ["---", "---"]) + "|"]
     for case in results["cases"]:
         e = case["engines"]
         torch = run._rate(e["torch"]["median"]) if "torch" in e else "n/a"
         torch_ratio = f" (torch {e['torch']['median'] / e['float32']['median']:.2f}x)" if "torch" in e else ""
         cells = [case["label"] + torch_ratio, *(run._rate(e[w]["median"]) for w in WEIGHTS), torch,
-                 *(f"{case['ratios'][w]:.2f}x" for w in ("bfloat16", "int8")),
+                 *(f"{case['ratios'][w]:.2f}x" for w in NARROW),
                  " / ".join(f"≥ {t:g}x" for t in case["targets"].values()), case.get("status", "")]
         lines.append("| " + " | ".join(cells) + " |")
     if "peak_rss" in results:
         rss = results["peak_rss"]
         cells = [f"peak RSS, generate {results['sizes']['rss_new_tokens']} tokens",
                  *(run._mib(rss[w]["median"]) for w in WEIGHTS), "",
-                 *(f"{rss['ratios'][w]:.2f}x" for w in ("bfloat16", "int8")),
+                 *(f"{rss['ratios'][w]:.2f}x" for w in NARROW),
                  " / ".join(f"≤ {t:g}x" for t in RSS_TARGETS.values()), rss.get("status", "")]
         lines.append("| " + " | ".join(cells) + " |")
     s = results["settings"]
@@ -180,7 +181,7 @@ def table(results: dict) -> str:
         # same whatever the weights: float32's peak less its matrices.
         rest = results["peak_rss"]["float32"]["median"] - results["bounds"]["float32"]["bytes_per_step"]
         floors = {w: (rest + results["bounds"][w]["bytes_per_step"]) / results["peak_rss"]["float32"]["median"]
-                  for w in ("bfloat16", "int8")}
+                  for w in NARROW}
         lines += ["", f"What bounds peak RSS: float32's process less its matrices is {run._mib(rest)}; with the "
                   "narrow matrices' bytes added that floor is " + ", ".join(f"{w} {r:.2f}x" for w, r in floors.items())
                   + " of float32's peak."]
@@ -232,8 +233,8 @@ def main(argv=None) -> int:
     for case in cases:
         ids = rng.integers(0, 50257, size=(case.batch, case.prompt))
         measured = run.run_case(case, loaded, repeats, ids)
-        ratios = {w: measured[w]["median"] / measured["float32"]["median"] for w in ("bfloat16", "int8")}
-        targets = DECODE_TARGETS if case.kind == "decode" else {w: PREFILL_TARGET for w in ("bfloat16", "int8")}
+        ratios = {w: measured[w]["median"] / measured["float32"]["median"] for w in NARROW}
+        targets = DECODE_TARGETS if case.kind == "decode" else {w: PREFILL_TARGET for w in NARROW}
         entry = {"key": case.key, "label": case.label, "kind": case.kind, "engines": measured, "ratios": ratios,
                  "targets": targets}
         if not args.quick:
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
     del loaded  # the subprocesses' memory is measured with this process's freed
     if not args.quick:
         rss = {w: peak_rss(path, w, sizes.rss_new_tokens, repeats) for w in WEIGHTS}
-        rss["ratios"] = {w: rss[w]["median"] / rss["float32"]["median"] for w in ("bfloat16", "int8")}
+        rss["ratios"] = {w: rss[w]["median"] / rss["float32"]["median"] for w in NARROW}
         rss["status"] = run._status(all(rss["ratios"][w] <= RSS_TARGETS[w] for w in RSS_TARGETS))
         results["peak_rss"] = rss
     results["load_average"]["end"] = os.getloadavg()
