@@ -406,11 +406,12 @@ class StepThreads:
         self.all = numba_threads()
         self.before = numba.get_num_threads()
         self.clock, self.read_threads, self.read_cpu = clock, read_threads, read_cpu
-        self.active = active and not _chosen and self.all > 1 and read_threads() is not None
         self.threads, self.trying = self.all, False
         self.probe_wait, self.next_probe = _PROBE_WAIT[0], 0.0
+        self.active = active and not _chosen and self.all > 1
         if self.active:
             self._start_window()
+            self.active = self.thread_readings is not None
 
     def _start_window(self) -> None:
         self.started, self.cpu_started = self.clock(), time.process_time()
