@@ -187,6 +187,21 @@ def test_rows_matmul_is_the_product_with_the_dequantized_weights(kind, M, N, K):
     np.testing.assert_array_equal(jitted, out)
 
 
+@pytest.mark.parametrize("largest", [1.0, 2.0 ** 15, 1e5])
+def test_float16_rows_move_their_scale_onto_x_only_while_x_allows(largest):
+    """float16's few-rows product moves the widening's 2**112 onto x while |x| < 2**15: the same
+    sums, bit for bit, as widening each row whole (`half_rows_matmul`); past it, the rows are
+    widened whole. Both against float64 on the float16 values, within the float32 dot bound."""
+    matrix = narrow.narrow_matrix(_random((70, 300), seed=5, scale=0.05), "float16")
+    x = _random((3, 300), seed=6)
+    x *= np.float32(largest) / np.abs(x).max()
+    out, whole = np.empty((3, 70), np.float32), np.empty((3, 70), np.float32)
+    narrow.float16_rows_matmul(x, matrix.stored, out)
+    narrow.half_rows_matmul(x, matrix.stored, whole)
+    _assert_within_dot_bound(out, x, _dequantized(matrix))
+    np.testing.assert_array_equal(out, whole)
+
+
 def _rows_matmul_jitted(x, rows, out):
     import numba
 

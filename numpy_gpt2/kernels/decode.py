@@ -68,8 +68,8 @@ def few_rows_matmul(x, weight_t, out):
 def rows_matmul(x, rows, out):
     """out: [M, N] = x: [M, K] @ rows.T for a few rows M, by the loop for how `rows` is stored
     (see `stored_rows`): float rows [N, K] (`few_rows_matmul`), 16-bit floats' bits [N, K],
-    bfloat16 uint16 or float16 int16 (`narrow.half_rows_matmul`), or int8's (q, scales)
-    (`narrow.int8_rows_matmul`).
+    bfloat16 uint16 (`narrow.half_rows_matmul`) or float16 int16 (`narrow.float16_rows_matmul`),
+    or int8's (q, scales) (`narrow.int8_rows_matmul`).
 
     Jitted code calls it too: the overload below picks the loop by the types when compiling.
     """
@@ -77,22 +77,26 @@ def rows_matmul(x, rows, out):
 
     if isinstance(rows, tuple):
         narrow.int8_rows_matmul(x, rows[0], rows[1], narrow.GROUP, out)
-    elif rows.dtype in (np.uint16, np.int16):
+    elif rows.dtype == np.uint16:
         narrow.half_rows_matmul(x, rows, out)
+    elif rows.dtype == np.int16:
+        narrow.float16_rows_matmul(x, rows, out)
     else:
         few_rows_matmul(x, rows, out)
 
 
 @overload(rows_matmul, jit_options=FAST)
 def _rows_matmul_typed(x, rows, out):
-    from .narrow import GROUP, half_rows_matmul, int8_rows_matmul
+    from .narrow import GROUP, float16_rows_matmul, half_rows_matmul, int8_rows_matmul
 
     if isinstance(rows, numba.types.BaseTuple):
         # The group size as a value known only at run time (N >= 1 rows: GROUP), so that the
         # kernel is not compiled for the constant, which LLVM unrolls into scalar code.
         return lambda x, rows, out: int8_rows_matmul(x, rows[0], rows[1], GROUP * min(1, rows[0].shape[0]), out)
-    if rows.dtype in (numba.types.uint16, numba.types.int16):
+    if rows.dtype == numba.types.uint16:
         return lambda x, rows, out: half_rows_matmul(x, rows, out)
+    if rows.dtype == numba.types.int16:
+        return lambda x, rows, out: float16_rows_matmul(x, rows, out)
     return lambda x, rows, out: few_rows_matmul(x, rows, out)
 
 
