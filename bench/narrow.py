@@ -133,6 +133,11 @@ def fixed_part(results: dict) -> list[str]:
     seconds = np.array([bounds[w]["seconds"] for w in WEIGHTS])
     per_byte, fixed = np.polyfit(nbytes, seconds, 1)
     rest = {w: 1 / decode["engines"][w]["median"] - bounds[w]["seconds"] for w in WEIGHTS}
+    drifted = [w for w in WEIGHTS if rest[w] < 0]
+    if drifted or fixed < 0:
+        return [f"No split of the decode step in this run: {', '.join(drifted) or 'the fit'} "
+                + ("streamed its matrices alone slower than it decoded whole steps" if drifted else "came out negative")
+                + " (the memory bandwidth moved between the measurements)."]
     step = {w: fixed + rest[w] + bounds[w]["bytes_per_step"] * per_byte for w in WEIGHTS}
     caps = {w: step["float32"] / step[w] for w in NARROW}
     return [
