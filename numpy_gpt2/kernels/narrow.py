@@ -281,11 +281,14 @@ def float16_rows_matmul(x, bits, out):
     """out: [M, N] = x: [M, K] @ widened(bits).T, bits: int16 [N, K] the float16 rows, for a few
     rows M: `half_rows_matmul`'s float16 case with the row's 2**112 moved onto x (see above),
     which gives the same products and the same sums, with two operations a weight fewer."""
-    if np.abs(x).max() >= _FOLD_LIMIT:
-        half_rows_matmul(x, bits, out)
-        return
+    M, K = x.shape
+    for m in range(M):
+        for j in range(K):
+            if abs(x[m, j]) >= _FOLD_LIMIT:
+                half_rows_matmul(x, bits, out)
+                return
     scaled_x = x * _HALF_BIAS_SCALE
-    N, K = bits.shape
+    N = bits.shape[0]
     n_blocks = min(N, 256)
     per_block = (N + n_blocks - 1) // n_blocks
     for block in numba.prange(n_blocks):
