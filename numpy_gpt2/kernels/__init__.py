@@ -12,8 +12,9 @@ where its result comes from (see `memory.Workspace`). By concern:
 - `attention`: causal, masked attention over the cache, a prompt's in blocks of queries;
 - `decode`: a decoding step, the few-rows product, attention of one query, a whole block in one
   call (`decode_block`), the product by how a matrix is stored (`rows_matmul`);
-- `narrow`: bfloat16, float16 and int8 matrices (`NarrowMatrix`), their decoding kernels, and
+- `narrow`: bfloat16, float16 and int8 matrices (`NarrowMatrix`), their widening, and
   `linear`, `linear_gelu`, `matmul_transposed` for them;
+- `stored`: how the decoding product reads one weight from each way a matrix is stored;
 - `blas`: the BLAS's ?gemm called by address, and which NumPy builds have it;
 - `float32math`: float32 tanh, exp and maximum written so that the loops vectorise;
 - `common`: the Numba options and the row counts (FEW_ROWS, THIN_ROWS) that choose a path.

@@ -23,18 +23,20 @@ from numba.extending import overload
 
 from .common import FAST, PARALLEL, start_numba_threads, transposed_contiguous
 from .elementwise import add_with_bias_, bias_gelu_rows_of_dtype, layer_norm_rows
+from .stored import weight, weight_row
 
 
 @numba.njit(inline="always", **FAST)
 def dot_rows(row, x, out, n):
-    """out[:, n] = x: [M, K] @ row: [K], four rows of x at a time while the row sits in L1."""
+    """out[:, n] = x: [M, K] @ row: [K], four rows of x at a time while the row sits in L1; row
+    as `stored.weight_row` gives it, each weight read by `stored.weight`."""
     M, K = x.shape
     zero = out.dtype.type(0)
     m = 0
     while m + 4 <= M:
         s0 = s1 = s2 = s3 = zero
         for k in range(K):
-            w = row[k]
+            w = weight(row, k)
             s0 += w * x[m, k]
             s1 += w * x[m + 1, k]
             s2 += w * x[m + 2, k]
@@ -44,42 +46,40 @@ def dot_rows(row, x, out, n):
     while m < M:
         s0 = zero
         for k in range(K):
-            s0 += row[k] * x[m, k]
+            s0 += weight(row, k) * x[m, k]
         out[m, n] = s0
         m += 1
 
 
 @numba.njit(**PARALLEL)
 def few_rows_matmul(x, weight_t, out):
-    """out: [M, N] = x: [M, K] @ weight_t.T, weight_t: [N, K], for a few rows M (see FEW_ROWS).
+    """out: [M, N] = x: [M, K] @ weight_t.T, weight_t: [N, K] stored as `stored` reads (float
+    rows, bfloat16 bits, float16 bits standing for the values times 2**-112, or int8's (q,
+    scales)), for a few rows M (see FEW_ROWS).
 
     Threads take blocks of the weight's rows, so each thread reads one contiguous stream through
     memory; each row is read once and dotted with four rows of x at a time while it sits in L1
     (`dot_rows`).
     """
-    N = weight_t.shape[0]
+    N = out.shape[1]
     n_blocks = min(N, 256)
     per_block = (N + n_blocks - 1) // n_blocks
     for block in numba.prange(n_blocks):
         for n in range(block * per_block, min(N, (block + 1) * per_block)):
-            dot_rows(weight_t[n], x, out, n)
+            dot_rows(weight_row(weight_t, n), x, out, n)
 
 
 def rows_matmul(x, rows, out):
-    """out: [M, N] = x: [M, K] @ rows.T for a few rows M, by the loop for how `rows` is stored
-    (see `stored_rows`): float rows [N, K] (`few_rows_matmul`), 16-bit floats' bits [N, K],
-    bfloat16 uint16 (`narrow.half_rows_matmul`) or float16 int16 (`narrow.float16_rows_matmul`),
-    or int8's (q, scales) (`narrow.int8_rows_matmul`).
+    """out: [M, N] = x: [M, K] @ rows.T for a few rows M, however `rows` is stored (see
+    `stored_rows`): float rows [N, K], bfloat16 bits (uint16) [N, K] or int8's (q, scales) by
+    `few_rows_matmul`; float16 bits (int16) [N, K] by `narrow.float16_rows_matmul`, which
+    scales x for them.
 
     Jitted code calls it too: the overload below picks the loop by the types when compiling.
     """
     from . import narrow
 
-    if isinstance(rows, tuple):
-        narrow.int8_rows_matmul(x, rows[0], rows[1], narrow.GROUP, out)
-    elif rows.dtype == np.uint16:
-        narrow.half_rows_matmul(x, rows, out)
-    elif rows.dtype == np.int16:
+    if not isinstance(rows, tuple) and rows.dtype == np.int16:
         narrow.float16_rows_matmul(x, rows, out)
     else:
         few_rows_matmul(x, rows, out)
@@ -87,15 +87,9 @@ def rows_matmul(x, rows, out):
 
 @overload(rows_matmul, jit_options=FAST)
 def _rows_matmul_typed(x, rows, out):
-    from .narrow import GROUP, float16_rows_matmul, half_rows_matmul, int8_rows_matmul
+    from .narrow import float16_rows_matmul
 
-    if isinstance(rows, numba.types.BaseTuple):
-        # The group size as a value known only at run time (N >= 1 rows: GROUP), so that the
-        # kernel is not compiled for the constant, which LLVM unrolls into scalar code.
-        return lambda x, rows, out: int8_rows_matmul(x, rows[0], rows[1], GROUP * min(1, rows[0].shape[0]), out)
-    if rows.dtype == numba.types.uint16:
-        return lambda x, rows, out: half_rows_matmul(x, rows, out)
-    if rows.dtype == numba.types.int16:
+    if not isinstance(rows, numba.types.BaseTuple) and rows.dtype == numba.types.int16:
         return lambda x, rows, out: float16_rows_matmul(x, rows, out)
     return lambda x, rows, out: few_rows_matmul(x, rows, out)
 

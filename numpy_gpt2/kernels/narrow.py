@@ -13,11 +13,11 @@ them in bfloat16 or float16, a bit over a quarter in int8. The arithmetic stays 
   GROUP the last group of each row is the shorter remainder, with its own scale.
 
 All live in a `NarrowMatrix`. Up to FEW_ROWS rows (decoding) a product reads the narrow rows
-directly (`rows_matmul`: a 16-bit row widened into a float32 row buffer in L1, then dotted;
-an int8 group summed as float32(q) * x, then scaled), accumulating in float32. Many rows (a
-prompt) widen the matrix into a float32 buffer (the tied head a band of BAND_ROWS rows at a
-time) that the BLAS multiplies as it multiplies float32 weights (`linear`, `linear_gelu`,
-`matmul_transposed`, the twins of `products`' functions for a NarrowMatrix).
+directly: `decode.few_rows_matmul`, the float32 loop, reads each weight as `stored` says, in a
+register, accumulating in float32. Many rows (a prompt) widen the matrix into a float32 buffer
+(the tied head a band of BAND_ROWS rows at a time) that the BLAS multiplies as it multiplies
+float32 weights (`linear`, `linear_gelu`, `matmul_transposed`, the twins of `products`'
+functions for a NarrowMatrix).
 """
 
 import numba
@@ -26,14 +26,14 @@ from numba.extending import overload
 
 from ..errors import GPT2Error
 from .common import FAST, FEW_ROWS, PARALLEL
-from .decode import dot_rows, rows_matmul
+from .decode import dot_rows, few_rows_matmul, rows_matmul
 from .elementwise import bias_gelu
 from .products import linear as _linear
 from .products import linear_gelu as _linear_gelu
 from .products import matmul_transposed as _matmul_transposed
+from .stored import GROUP, HALF_BIAS_SCALE, bfloat16_value, placed_half, weight
 
 WEIGHTS = ("float32", "bfloat16", "float16", "int8")
-GROUP = 32  # int8: consecutive inputs of a row sharing one scale, as llama.cpp's q8_0
 # The tied head [V, C] is made narrow at load and widened for a prompt this many rows at a time,
 # so that no float32 copy of all of it is ever made (the blocks' matrices are widened whole).
 BAND_ROWS = 4096
@@ -73,7 +73,7 @@ class NarrowMatrix:
         if out is None:
             out = np.empty((n1 - n0, self.shape[1]), np.float32)
         if self.kind == "int8":
-            _widen_int8(*self.stored, GROUP, n0, n1, out)
+            _widen_int8(*self.stored, n0, n1, out)
         else:
             _widen_half(self.stored, n0, n1, out)
         return out
@@ -82,7 +82,7 @@ class NarrowMatrix:
         """out: [..., K] float32 = the rows `ids` [...] (the embedding lookup), widened."""
         flat_ids, flat_out = ids.reshape(-1), out.reshape(-1, self.shape[1])
         if self.kind == "int8":
-            _take_int8(*self.stored, GROUP, flat_ids, flat_out)
+            _take_int8(*self.stored, flat_ids, flat_out)
         else:
             _take_half(self.stored, flat_ids, flat_out)
         return out
@@ -171,27 +171,16 @@ def _quantize_int8(rows, q, scales):
 @numba.njit(inline="always", **FAST)
 def _widen_bfloat16_row(bits, row):
     """row: float32 [K] = the bfloat16 values bits: uint16 [K], exactly: the upper half of a float32."""
-    wide = row.view(np.uint32)
     for k in range(len(bits)):
-        wide[k] = np.uint32(bits[k]) << 16
-
-
-# A half's exponent is biased by 15, a float32's by 127: its bits moved into a float32's place
-# stand for the value times 2**(15 - 127), undone by one exact multiplication. Half subnormals,
-# float32 subnormals when moved, come out of it as the float32 normals they are.
-_HALF_SIGN, _HALF_MAGNITUDE = np.uint32(0x8000), np.uint32(0x7FFF)
-_HALF_BIAS_SCALE = np.float32(2.0 ** (127 - 15))
+        row[k] = bfloat16_value(bits[k])
 
 
 @numba.njit(inline="always", **FAST)
 def _widen_float16_row(bits, row):
-    """row: float32 [K] = the finite float16 values bits: int16 [K], exactly (see `_HALF_BIAS_SCALE`)."""
-    wide = row.view(np.uint32)
+    """row: float32 [K] = the finite float16 values bits: int16 [K], exactly (see
+    `stored.HALF_BIAS_SCALE`)."""
     for k in range(len(bits)):
-        h = np.uint32(bits[k])  # the sign extended to 32 bits, which the masks drop
-        wide[k] = ((h & _HALF_SIGN) << np.uint32(16)) | ((h & _HALF_MAGNITUDE) << np.uint32(13))
-    for k in range(len(row)):
-        row[k] *= _HALF_BIAS_SCALE
+        row[k] = placed_half(bits[k]) * HALF_BIAS_SCALE
 
 
 def widen_row(bits, row):
@@ -217,18 +206,12 @@ def _widen_half(bits, n0, n1, out):
 
 
 @numba.njit(**PARALLEL)
-def _widen_int8(q, scales, group, n0, n1, out):
+def _widen_int8(q, scales, n0, n1, out):
     """out [n1 - n0, K] float32 = q[n0:n1] * its groups' scales (one rounding each)."""
-    K = q.shape[1]
-    whole = K // group  # the loop shapes of `int8_rows_matmul`, which vectorise
     for n in numba.prange(n1 - n0):
-        q_row, out_row = q[n0 + n], out[n]
-        for g in range(whole):
-            d, k0 = scales[n0 + n, g], g * group
-            for j in range(group):
-                out_row[k0 + j] = np.float32(q_row[k0 + j]) * d
-        for k in range(whole * group, K):
-            out_row[k] = np.float32(q_row[k]) * scales[n0 + n, whole]
+        row, out_row = (q[n0 + n], scales[n0 + n]), out[n]
+        for k in range(len(out_row)):
+            out_row[k] = weight(row, k)
 
 
 @numba.njit(**FAST)
@@ -238,26 +221,22 @@ def _take_half(bits, ids, out):
 
 
 @numba.njit(**FAST)
-def _take_int8(q, scales, group, ids, out):
-    K = q.shape[1]
+def _take_int8(q, scales, ids, out):
     for i in range(len(ids)):
-        for g in range(scales.shape[1]):
-            d = scales[ids[i], g]
-            for k in range(g * group, min(K, (g + 1) * group)):
-                out[i, k] = np.float32(q[ids[i], k]) * d
+        row = (q[ids[i]], scales[ids[i]])
+        for k in range(out.shape[1]):
+            out[i, k] = weight(row, k)
 
 
 # ---- a few rows: decoding ---------------------------------------------------------------------
+# bfloat16 and int8 rows go straight to `decode.few_rows_matmul`; float16 rows too, x scaled.
 
 @numba.njit(**PARALLEL)
 def half_rows_matmul(x, bits, out):
     """out: [M, N] = x: [M, K] @ widened(bits).T, bits: [N, K] bfloat16 (uint16) or float16
-    (int16), for a few rows M.
-
-    Twin of `decode.few_rows_matmul` on the widened rows: each row is widened into a float32
-    buffer (in L1, `widen_row`) and dotted with four rows of x at a time, so the float32 sums
-    are those of few_rows_matmul on the widened matrix, up to their order.
-    """
+    (int16), for a few rows M, each row widened whole into a float32 buffer (`widen_row`) and
+    dotted with x (`decode.dot_rows`): float16's product when x is too large to scale (see
+    `float16_rows_matmul`)."""
     N, K = bits.shape
     n_blocks = min(N, 256)
     per_block = (N + n_blocks - 1) // n_blocks
@@ -268,77 +247,25 @@ def half_rows_matmul(x, bits, out):
             dot_rows(row, x, out, n)
 
 
-# float16 rows in a decoding step: a half's bits put in a float32's place stand for the value
-# times 2**-112 (see `_HALF_BIAS_SCALE`); x times 2**112 makes each product the very same number,
-# so the row's multiplication is moved onto x, once a call. |x| must stay below 2**15 for x times
-# 2**112 to stay finite; past that the rows are widened whole.
-_PLACED_HALF = np.uint32(0x8FFFE000)  # a sign-extended half shifted 13 up: its sign and its 15 bits
+# float16 rows in a decoding step are read as placed halves (`stored.placed_half`), the values
+# times 2**-112; x times 2**112 makes each product the very same number, so the rows'
+# multiplication is moved onto x, once a call. |x| must stay below 2**15 for x times 2**112 to
+# stay finite; past that the rows are widened whole.
 _FOLD_LIMIT = np.float32(2.0 ** 15)
 
 
-@numba.njit(**PARALLEL)
+@numba.njit(**FAST)
 def float16_rows_matmul(x, bits, out):
     """out: [M, N] = x: [M, K] @ widened(bits).T, bits: int16 [N, K] the float16 rows, for a few
-    rows M: `half_rows_matmul`'s float16 case with the row's 2**112 moved onto x (see above),
-    which gives the same products and the same sums, with two operations a weight fewer."""
+    rows M: `decode.few_rows_matmul` on the placed halves and x times 2**112 (see above), the
+    same products and the same sums as on the widened rows."""
     M, K = x.shape
     for m in range(M):
         for j in range(K):
             if abs(x[m, j]) >= _FOLD_LIMIT:
                 half_rows_matmul(x, bits, out)
                 return
-    scaled_x = x * _HALF_BIAS_SCALE
-    N = bits.shape[0]
-    n_blocks = min(N, 256)
-    per_block = (N + n_blocks - 1) // n_blocks
-    for block in numba.prange(n_blocks):
-        row = np.empty(K, np.float32)
-        placed = row.view(np.uint32)
-        for n in range(block * per_block, min(N, (block + 1) * per_block)):
-            half = bits[n]
-            for k in range(K):
-                placed[k] = (np.uint32(np.int32(half[k])) << np.uint32(13)) & _PLACED_HALF
-            dot_rows(row, scaled_x, out, n)
-
-
-@numba.njit(**PARALLEL)
-def int8_rows_matmul(x, q, scales, group, out):
-    """out: [M, N] = x: [M, K] @ (q * scales).T, q: int8 [N, K], scales: [N, ceil(K / group)],
-    for a few rows M; group: GROUP, passed in for the sake of the loop (see below).
-
-    Each group's sum of float32(q) * x is made first, then scaled by d and added to the row's
-    sum: the same value as the dot product with the dequantized row, summed in another order
-    (one multiplication by d a group instead of one a weight). The loop over a group must have
-    a trip count LLVM cannot know when compiling, which it vectorises: with the constant GROUP
-    it unrolls the loop into scalar code, ten times slower.
-    """
-    N, K = q.shape
-    M = x.shape[0]
-    n_groups = scales.shape[1]
-    whole = K // group  # groups of `group` inputs; a last, shorter one when n_groups > whole
-    n_blocks = min(N, 256)
-    per_block = (N + n_blocks - 1) // n_blocks
-    for block in numba.prange(n_blocks):
-        for n in range(block * per_block, min(N, (block + 1) * per_block)):
-            # One row of x at a time, the row of q staying in L1 for the next. The whole groups
-            # first, each loop `range(group)` over 1-D rows: a bound such as min(group, K - k0)
-            # leaves it scalar. Then the shorter last group, if any.
-            q_row = q[n]
-            for m in range(M):
-                x_row = x[m]
-                total = np.float32(0)
-                for g in range(whole):
-                    k0 = g * group
-                    part = np.float32(0)
-                    for j in range(group):
-                        part += np.float32(q_row[k0 + j]) * x_row[k0 + j]
-                    total += part * scales[n, g]
-                if whole < n_groups:
-                    part = np.float32(0)
-                    for k in range(whole * group, K):
-                        part += np.float32(q_row[k]) * x_row[k]
-                    total += part * scales[n, whole]
-                out[m, n] = total
+    few_rows_matmul(x * HALF_BIAS_SCALE, bits, out)
 
 
 # ---- the products of a forward pass --------------------------------------------------------
