@@ -5,19 +5,29 @@ and torch's float32, side by side in one run on the GPT-2 124M shape.
     python bench/narrow.py --quick      # a smoke run with small sizes, no PASS/MISS
 
 Rows (numpy-gpt2 with each `--weights`, from the same float32 checkpoint that bench/run.py
-uses; torch in float32), timed as bench/run.py times them (`run.run_case`: warm-up, engines in
-turn, rotating order, a pause before each, median of the repeats):
-- decode batch 1 after an 8-token prompt: tokens/s of the steps after the first new token;
-- prefill 512, last logits, and all logits: prompt tokens/s;
+uses; torch in float32):
+- decode batch 1 after an 8-token prompt: tokens/s of the steps after the first new token.
+  The four formats decode side by side, SLICE steps each in turn, rotating, until each has made
+  its tokens (`interleaved_decode`): the memory bandwidth this host gives moves by tens of
+  percent within seconds, and slices of a fraction of a second see nearly the same bandwidth,
+  where whole decodes one after another did not (a format's ratio moved by 15% from run to run).
+  Each ratio is the median over the rounds of float32's time over the format's. torch decodes
+  as bench/run.py times it (`run.run_case`), beside float32, for its ratio;
+- prefill 512, last logits, and all logits: prompt tokens/s, timed as bench/run.py times them
+  (`run.run_case`: warm-up, engines in turn, rotating order, a pause before each, median);
 - peak RSS of `numpy-gpt2 generate --weights W` (32 tokens), each in a fresh process.
 Targets, against numpy-gpt2's own float32 in the same run: decode bfloat16 and float16 >= 1.7x,
 int8 >= 2.5x; prefill >= 0.9x; peak RSS bfloat16 and float16 <= 0.6x, int8 <= 0.4x.
 
 What bounds decoding, measured in the same run for every weights kind: every matrix of a step
 (the blocks' four and the tied head) streamed once through the kernel a step uses
-(`kernels.decode.rows_matmul`): the bytes a step reads, the bytes a second that gives, and the
-tokens a second it allows; and the kernel's arithmetic rate with one 2304 x 768 matrix held in
-cache, which caps tokens a second at that rate over the step's 124 M multiply-adds.
+(`kernels.decode.rows_matmul`), after each slice of the decode row: the bytes a step reads, the
+bytes a second that gives, the tokens a second it allows, and the rest of the step (its time
+less the matrices'); and the kernel's arithmetic rate with one 2304 x 768 matrix held in cache,
+which caps tokens a second at that rate over the step's 124 M multiply-adds. For each narrow
+format whose decode row misses, a line splits its step and float32's that way.
+Peak RSS: the process around the weights, and the part of it that importing Python, NumPy,
+Numba and LLVM takes before anything is loaded.
 
 Writes bench/results/narrow-latest.md and narrow-latest.json (atomically), and prints the table.
 """
@@ -38,6 +48,7 @@ NARROW = WEIGHTS[1:]
 DECODE_TARGETS = {"bfloat16": 1.7, "float16": 1.7, "int8": 2.5}
 PREFILL_TARGET = 0.9
 RSS_TARGETS = {"bfloat16": 0.6, "float16": 0.6, "int8": 0.4}
+SLICE = 16  # decoding steps a format makes before the next format's turn
 
 
 def narrow_engine(path, threads, weights):
@@ -53,36 +64,83 @@ def narrow_engine(path, threads, weights):
     return engine
 
 
-def stream_bound(model, repeats: int) -> dict:
-    """Every matrix of a decoding step through `rows_matmul` once, as a step reads them: bytes,
-    seconds (median of `repeats`), bytes/s and the tokens/s that allows."""
+class StepMatrices:
+    """Every matrix of a model's decoding step, as `kernels.decode.rows_matmul` reads it, and one
+    row of x for each: `run()` streams them all through their kernel once, as a step does."""
+
+    def __init__(self, model, rng):
+        import numpy as np
+
+        from numpy_gpt2.kernels.decode import rows_matmul, stored_rows
+
+        self.rows_matmul = rows_matmul
+        self.weights = [stored_rows(lin.weight) for b in model.h
+                        for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        self.weights.append(stored_rows(model.wte) if model.weights != "float32" else model.wte)
+        shape = [(m[0] if isinstance(m, tuple) else m).shape for m in self.weights]
+        self.xs = [rng.standard_normal((1, k)).astype(np.float32) for _, k in shape]
+        self.outs = [np.empty((1, n), np.float32) for n, _ in shape]
+        self.nbytes = sum(sum(a.nbytes for a in m) if isinstance(m, tuple) else m.nbytes for m in self.weights)
+        self.macs = sum(n * k for n, k in shape)
+
+    def run(self) -> float:
+        """Seconds to stream them once."""
+        start = time.perf_counter()
+        for x, m, out in zip(self.xs, self.weights, self.outs):
+            self.rows_matmul(x, m, out)
+        return time.perf_counter() - start
+
+
+def interleaved_decode(loaded: dict, ids, new_tokens: int, repeats: int) -> tuple:
+    """Decode `new_tokens` + 1 tokens after `ids` with every numpy-gpt2 format, SLICE steps each
+    in turn (the order rotating every slice), timing the steps after the first new token; after
+    each slice, every format's step matrices streamed alone once (`StepMatrices`), in turn too.
+    -> (run.run_case's entries per format, with "ratios": each narrow format's median over the
+    rounds of float32's seconds over its own; and the bounds per format: the matrices' bytes,
+    their median time alone, and "rest_seconds": the median over the rounds of a step's time
+    less its matrices' time alone in that round)."""
     import numpy as np
 
-    from numpy_gpt2.kernels.decode import rows_matmul, stored_rows
-
-    weights = [stored_rows(lin.weight) for b in model.h
-               for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-    weights.append(stored_rows(model.wte) if model.weights != "float32" else model.wte)
-    shape = [(w[0] if isinstance(w, tuple) else w).shape for w in weights]
-    rng = np.random.default_rng(0)
-    xs = [rng.standard_normal((1, k)).astype(np.float32) for _, k in shape]
-    outs = [np.empty((1, n), np.float32) for n, _ in shape]
-
-    def products():
-        for x, w, out in zip(xs, weights, outs):
-            rows_matmul(x, w, out)
-
-    products()
-    seconds = []
-    with measure.quiet_gc():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            products()
-            seconds.append(time.perf_counter() - start)
-    nbytes = sum(sum(a.nbytes for a in w) if isinstance(w, tuple) else w.nbytes for w in weights)
-    alone = measure.median(seconds)
-    return {"bytes_per_step": nbytes, "seconds": alone, "bytes_per_s": nbytes / alone,
-            "tokens_per_s_ceiling": 1 / alone, "macs_per_step": sum(n * k for n, k in shape)}
+    for w in WEIGHTS:
+        loaded[w].decode(ids, 4)  # Numba's loops loaded, the buffers made
+    matrices = {w: StepMatrices(loaded[w].model, np.random.default_rng(0)) for w in WEIGHTS}
+    for m in matrices.values():
+        m.run()
+    seconds = {w: [] for w in WEIGHTS}
+    alone = {w: [] for w in WEIGHTS}
+    for _ in range(repeats):
+        streams = {w: loaded[w].model.stream(ids, new_tokens + 1, eos_token_id=None) for w in WEIGHTS}
+        for w in WEIGHTS:
+            next(streams[w])  # the prompt's pass and first token, untimed
+        spent, streamed = dict.fromkeys(WEIGHTS, 0.0), {w: [] for w in WEIGHTS}
+        order = list(WEIGHTS)
+        with measure.quiet_gc():
+            for done in range(0, new_tokens, SLICE):
+                for w in order:
+                    start = time.perf_counter()
+                    for _ in range(min(SLICE, new_tokens - done)):
+                        next(streams[w])
+                    spent[w] += time.perf_counter() - start
+                for w in order:
+                    streamed[w].append(matrices[w].run())
+                order = order[1:] + order[:1]
+        for w in WEIGHTS:
+            seconds[w].append(spent[w])
+            alone[w].append(sum(streamed[w]) / len(streamed[w]))
+    result = {}
+    for w in WEIGHTS:
+        rates = [ids.shape[0] * new_tokens / s for s in seconds[w]]
+        result[w] = {"seconds": seconds[w], "tokens_per_s": rates, "median": measure.median(rates),
+                     "best": max(rates), "new_tokens": new_tokens + 1, "slice_steps": SLICE}
+    result["ratios"] = {w: measure.median([f / n for f, n in zip(seconds["float32"], seconds[w])]) for w in NARROW}
+    bounds = {}
+    for w, m in matrices.items():
+        streamed = measure.median(alone[w])
+        bounds[w] = {"bytes_per_step": m.nbytes, "seconds": streamed, "seconds_per_round": alone[w],
+                     "bytes_per_s": m.nbytes / streamed, "tokens_per_s_ceiling": 1 / streamed,
+                     "macs_per_step": m.macs,
+                     "rest_seconds": measure.median([s / new_tokens - a for s, a in zip(seconds[w], alone[w])])}
+    return result, bounds
 
 
 def compute_bound(weights: str, macs_per_step: int, repeats: int) -> dict:
@@ -114,40 +172,38 @@ def peak_rss(path, weights: str, new_tokens: int, repeats: int) -> dict:
     return {"bytes": samples, "median": measure.median(samples), "command": command}
 
 
-def fixed_part(results: dict) -> list[str]:
-    """Lines that split a decoding step's time into what the bytes cost and what they do not.
+def decode_bounds(results: dict) -> list[str]:
+    """Lines that say, for each narrow format whose decode row misses, what its step is made of.
 
-    The matrices' times streamed alone, over the three formats, fitted (least squares) as a fixed
-    part plus bytes / bandwidth; the rest of the step (attention, layer norms, the sampling, the
-    loop) is the decode row's step time less the matrices'. Both fixed parts are the same in every
-    format (the rest a little less for narrow weights), so they cap the ratio to float32 below the
-    ratio of the bytes.
+    Each round of the decode row also streamed every format's matrices alone after each slice
+    (`interleaved_decode`), so a step splits into its matrices alone and the rest (attention,
+    layer norms, sampling, the loop) under the same bandwidth: step = alone + rest.
     """
-    import numpy as np
-
     bounds = results["bounds"]
     decode = next((c for c in results["cases"] if c["kind"] == "decode"), None)
-    if decode is None:
+    if decode is None or "rest_seconds" not in bounds["float32"]:
         return []
-    nbytes = np.array([bounds[w]["bytes_per_step"] for w in WEIGHTS], float)
-    seconds = np.array([bounds[w]["seconds"] for w in WEIGHTS])
-    per_byte, fixed = np.polyfit(nbytes, seconds, 1)
-    rest = {w: 1 / decode["engines"][w]["median"] - bounds[w]["seconds"] for w in WEIGHTS}
-    drifted = [w for w in WEIGHTS if rest[w] < 0]
-    if drifted or fixed < 0:
-        return [f"No split of the decode step in this run: {', '.join(drifted) or 'the fit'} "
-                + ("streamed its matrices alone slower than it decoded whole steps" if drifted else "came out negative")
-                + " (the memory bandwidth moved between the measurements)."]
-    step = {w: fixed + rest[w] + bounds[w]["bytes_per_step"] * per_byte for w in WEIGHTS}
-    caps = {w: step["float32"] / step[w] for w in NARROW}
-    return [
-        f"What bounds the decode ratios: the matrices' times above fit {fixed * 1e3:.1f} ms a step plus their bytes at "
-        f"{1 / per_byte / 1e9:.1f} GB/s (the fixed part: what each product costs whatever its bytes, a "
-        "parallel loop and a stream started and ended, four a block and the head); the rest of the step (attention, layer norms, "
-        "sampling, the loop) took " + ", ".join(f"{w} {rest[w] * 1e3:.1f} ms" for w in WEIGHTS) + ". Fewer bytes "
-        "shorten only the bytes' part: fixed + rest + bytes / bandwidth gives " + ", ".join(
-            f"{w} {caps[w]:.2f}x" for w in caps) + " of float32's tokens/s (the bytes alone would give " + ", ".join(
-            f"{w} {nbytes[0] / bounds[w]['bytes_per_step']:.2f}x" for w in caps) + ")."]
+    f32 = bounds["float32"]
+    lines = []
+    for w in NARROW:
+        ratio, target = decode["ratios"][w], decode["targets"][w]
+        if ratio >= target:
+            continue
+        b = bounds[w]
+        at_f32_rate = b["bytes_per_step"] / f32["bytes_per_s"] + b["rest_seconds"]
+        in_cache = b["macs_per_step"] / b["compute"]["macs_per_s"]
+        lines.append(
+            f"- {w} decodes at {ratio:.2f}x, short of {target:g}x: a step is its matrices streamed alone, "
+            f"{b['seconds'] * 1e3:.1f} ms ({b['bytes_per_s'] / 1e9:.1f} GB/s), plus {b['rest_seconds'] * 1e3:.1f} ms of "
+            f"the rest; float32's is {f32['seconds'] * 1e3:.1f} ms ({f32['bytes_per_s'] / 1e9:.1f} GB/s) plus "
+            f"{f32['rest_seconds'] * 1e3:.1f} ms. Its bytes are {f32['bytes_per_step'] / b['bytes_per_step']:.2f}x fewer, "
+            f"but they stream at {b['bytes_per_s'] / f32['bytes_per_s']:.2f} of float32's rate: reading and "
+            f"multiplying its weights takes {in_cache * 1e3:.1f} ms a step even from cache, and overlaps only in part "
+            f"with the waiting for memory. At float32's rate its step would be {at_f32_rate * 1e3:.1f} ms, "
+            f"{(f32['seconds'] + f32['rest_seconds']) / at_f32_rate:.2f}x.")
+    if lines:
+        lines.insert(0, "What bounds the decode rows that miss (each split measured in the same rounds as the row):")
+    return lines
 
 
 def table(results: dict) -> str:
@@ -157,7 +213,8 @@ def table(results: dict) -> str:
     for case in results["cases"]:
         e = case["engines"]
         torch = run._rate(e["torch"]["median"]) if "torch" in e else "n/a"
-        torch_ratio = f" (torch {e['torch']['median'] / e['float32']['median']:.2f}x)" if "torch" in e else ""
+        beside = e["torch"].get("float32_beside", e["float32"]) if "torch" in e else None
+        torch_ratio = f" (torch {e['torch']['median'] / beside['median']:.2f}x)" if "torch" in e else ""
         cells = [case["label"] + torch_ratio, *(run._rate(e[w]["median"]) for w in WEIGHTS), torch,
                  *(f"{case['ratios'][w]:.2f}x" for w in NARROW),
                  " / ".join(f"≥ {t:g}x" for t in case["targets"].values()), case.get("status", "")]
@@ -172,23 +229,27 @@ def table(results: dict) -> str:
     s = results["settings"]
     top = (f"GPT-2 124M shape, {results['model_kind']}; {s['threads']} threads; median of {s['repeats']}; "
            "tokens/s unless noted; ratios to numpy-gpt2 float32 in this run" + ("; QUICK smoke run" if s["quick"] else ""))
-    lines = [top, ""] + lines + ["", "What bounds decoding (one token, every matrix of a step through its kernel):", ""]
-    lines += ["| weights | bytes a step | streamed alone | GB/s | tokens/s allowed by the stream | "
-              "kernel in cache, GMAC/s | tokens/s allowed by arithmetic |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [top, ""] + lines + ["", "What bounds decoding (one token: every matrix of a step through its kernel, in the decode row's rounds; the rest of the step: its time less that):", ""]
+    lines += ["| weights | bytes a step | streamed alone | GB/s | tokens/s allowed by the stream | rest of the step | "
+              "kernel in cache, GMAC/s | tokens/s allowed by arithmetic |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for w in WEIGHTS:
         b = results["bounds"][w]
+        rest = f"{b['rest_seconds'] * 1e3:.1f} ms" if "rest_seconds" in b else ""
         lines.append(f"| {w} | {b['bytes_per_step'] / 1e6:.0f} MB | {b['seconds'] * 1e3:.1f} ms | "
-                     f"{b['bytes_per_s'] / 1e9:.1f} | {run._rate(b['tokens_per_s_ceiling'])} | "
+                     f"{b['bytes_per_s'] / 1e9:.1f} | {run._rate(b['tokens_per_s_ceiling'])} | {rest} | "
                      f"{b['compute']['macs_per_s'] / 1e9:.1f} | {run._rate(b['compute']['tokens_per_s_ceiling'])} |")
-    lines += ["", *fixed_part(results)]
+    lines += ["", *decode_bounds(results)]
     if "peak_rss" in results:
         # The process around the weights (Python, NumPy, Numba, the tokenizer, buffers) is the
         # same whatever the weights: float32's peak less its matrices.
         rest = results["peak_rss"]["float32"]["median"] - results["bounds"]["float32"]["bytes_per_step"]
         floors = {w: (rest + results["bounds"][w]["bytes_per_step"]) / results["peak_rss"]["float32"]["median"]
                   for w in NARROW}
-        lines += ["", f"What bounds peak RSS: float32's process less its matrices is {run._mib(rest)}; with the "
-                  "narrow matrices' bytes added that floor is " + ", ".join(f"{w} {r:.2f}x" for w, r in floors.items())
+        imports = results["peak_rss"].get("imports")
+        of_which = (f", of which {run._mib(imports)} is Python, NumPy, Numba and LLVM imported with nothing loaded "
+                    "(`python -c 'import numpy_gpt2.kernels'`)" if imports else "")
+        lines += ["", f"What bounds peak RSS: float32's process less its matrices is {run._mib(rest)}{of_which}; with "
+                  "the narrow matrices' bytes added that floor is " + ", ".join(f"{w} {r:.2f}x" for w, r in floors.items())
                   + " of float32's peak."]
     lines += ["", *(f"- {n}" for n in results["notes"])] if results["notes"] else []
     lines += ["", run.machine_line(results)]
@@ -224,7 +285,8 @@ def main(argv=None) -> int:
         except ImportError as exc:
             notes.append(f"torch column skipped: {exc}")
     long_prompt = 512 if 512 in sizes.prefill else max(sizes.prefill)
-    cases = [run.Case("decode_b1_p8", f"decode batch 1, 8-token prompt, {sizes.new_tokens} new", "decode", 1, 8,
+    cases = [run.Case("decode_b1_p8", f"decode batch 1, 8-token prompt, {sizes.new_tokens} new, formats in turn every "
+                      f"{SLICE} steps", "decode", 1, 8,
                       sizes.new_tokens),
              run.Case(f"prefill_{long_prompt}_last", f"prefill {long_prompt}, last logits", "prefill", 1,
                       long_prompt, keep_last=True),
@@ -237,8 +299,16 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     for case in cases:
         ids = rng.integers(0, 50257, size=(case.batch, case.prompt))
-        measured = run.run_case(case, loaded, repeats, ids)
-        ratios = {w: measured[w]["median"] / measured["float32"]["median"] for w in NARROW}
+        if case.kind == "decode":
+            measured, results["bounds"] = interleaved_decode(loaded, ids, case.new_tokens - 1, repeats)
+            ratios = measured.pop("ratios")
+            if "torch" in loaded:
+                beside = run.run_case(case, {w: loaded[w] for w in ("float32", "torch")}, repeats, ids)
+                measured["torch"] = beside["torch"]
+                measured["torch"]["float32_beside"] = beside["float32"]
+        else:
+            measured = run.run_case(case, loaded, repeats, ids)
+            ratios = {w: measured[w]["median"] / measured["float32"]["median"] for w in NARROW}
         targets = DECODE_TARGETS if case.kind == "decode" else {w: PREFILL_TARGET for w in NARROW}
         entry = {"key": case.key, "label": case.label, "kind": case.kind, "engines": measured, "ratios": ratios,
                  "targets": targets}
@@ -247,16 +317,17 @@ def main(argv=None) -> int:
         results["cases"].append(entry)
         print(f"{case.label}: " + ", ".join(f"{n} {run._rate(m['median'])}" for n, m in measured.items()),
               file=sys.stderr)
-    results["bounds"] = {}
+    time.sleep(run.SETTLE_SECONDS)  # torch's threads, which ran last, asleep first
     for w in WEIGHTS:
-        bound = stream_bound(loaded[w].model, repeats)
-        bound["compute"] = compute_bound(w, bound["macs_per_step"], repeats)
-        results["bounds"][w] = bound
+        results["bounds"][w]["compute"] = compute_bound(w, results["bounds"][w]["macs_per_step"], repeats)
     del loaded  # the subprocesses' memory is measured with this process's freed
     if not args.quick:
         rss = {w: peak_rss(path, w, sizes.rss_new_tokens, repeats) for w in WEIGHTS}
         rss["ratios"] = {w: rss[w]["median"] / rss["float32"]["median"] for w in NARROW}
         rss["status"] = run._status(all(rss["ratios"][w] <= RSS_TARGETS[w] for w in RSS_TARGETS))
+        # Part of the process around the weights: Python, NumPy, Numba and LLVM, nothing loaded.
+        rss["imports"] = measure.median([measure.peak_rss_bytes([sys.executable, "-c", "import numpy_gpt2.kernels"])
+                                         for _ in range(repeats)])
         results["peak_rss"] = rss
     results["load_average"]["end"] = os.getloadavg()
     results["machine"] = run.machine_info(args.threads)

@@ -45,8 +45,9 @@ def dot_rows(row, x, out, n):
         m += 4
     while m < M:
         s0 = zero
+        x_row = x[m]
         for k in range(K):
-            s0 += weight(row, k) * x[m, k]
+            s0 += weight(row, k) * x_row[k]
         out[m, n] = s0
         m += 1
 

@@ -30,7 +30,7 @@ from .decode import dot_rows, few_rows_matmul, rows_matmul
 from .elementwise import bias_gelu
 from .products import linear as _linear
 from .products import linear_gelu as _linear_gelu
-from .products import matmul_transposed as _matmul_transposed
+from .products import product_into_columns
 from .stored import GROUP, HALF_BIAS_SCALE, bfloat16_value, placed_half, weight
 
 WEIGHTS = ("float32", "bfloat16", "float16", "int8")
@@ -329,7 +329,6 @@ def matmul_transposed(x, weight, out=None, workspace=None):
     band = (np.empty if workspace is None else workspace.empty)((band_rows, weight.shape[1]), np.float32)
     for n0 in range(0, N, band_rows):
         n1 = min(N, n0 + band_rows)
-        # The BLAS writes a contiguous product; a band's columns of out are not contiguous.
-        product = _matmul_transposed(rows, weight.widen(n0, n1, band[:n1 - n0]))
-        flat[:, n0:n1] = product
+        # Into out's columns n0:n1 in place: the BLAS takes out's row stride.
+        product_into_columns(rows, weight.widen(n0, n1, band[:n1 - n0]), flat, n0)
     return out

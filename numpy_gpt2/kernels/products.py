@@ -40,11 +40,13 @@ class Band(enum.IntEnum):
 
 
 @numba.njit(**dict(JIT, parallel=True))
-def _bands_in_pool(address, rows, weight_t, out, bias, product, band, parts, float32):
+def _bands_in_pool(address, rows, weight_t, out, bias, product, band, parts, float32, column0=0):
     """out: [M, N] from rows: [M, K] @ weight_t.T (weight_t: [N, K]) as `band` says, one band of
     output columns per part, each part one ?gemm call in one of Numba's threads. product: [M, N]
     for Band.THEN_GELU (else unused); bias: [N] (unused for Band.PRODUCT). All arrays
-    C-contiguous; `float32` says which GELU loop (see `elementwise.bias_gelu`)."""
+    C-contiguous; `float32` says which GELU loop (see `elementwise.bias_gelu`). For
+    Band.PRODUCT out may be wider, [M, >= column0 + N]: the product goes to its columns
+    column0:column0 + N, written in place (`product_into_columns`)."""
     M, K = rows.shape
     N = weight_t.shape[0]
     per_part = (N + parts - 1) // parts
@@ -64,7 +66,7 @@ def _bands_in_pool(address, rows, weight_t, out, bias, product, band, parts, flo
                 out[m, n0:n1] += bias[n0:n1]
             beta = out.dtype.type(1)
         gemm(address, True, M, n1 - n0, K, rows.ctypes.data, K, weight_t.ctypes.data + n0 * K * item, K,
-             beta, target.ctypes.data + n0 * item, N)
+             beta, target.ctypes.data + (column0 + n0) * item, target.shape[1])
         if band == Band.THEN_GELU:
             if float32:
                 bias_gelu_rows_float32(product, bias, out, n0, n1)
@@ -203,6 +205,28 @@ def matmul_transposed(x, weight, out=None):
     _product(rows, np.ascontiguousarray(weight), out.reshape(len(rows), weight.shape[0]), Band.PRODUCT,
              np.zeros(0, weight.dtype))
     return out
+
+
+def product_into_columns(rows, weight_t, out, column0):
+    """out[:, column0:column0 + N] = rows: [M, K] @ weight_t.T (weight_t: [N, K]), out: [M, >= column0
+    + N] C-contiguous: a band of a product written where it belongs (the narrow head's bands,
+    `narrow.matmul_transposed`). Many rows with the BLAS: each part's ?gemm writes there
+    directly, the row stride out's; else the band's product is made and copied in."""
+    M, N = len(rows), weight_t.shape[0]
+    dtype = out.dtype.type
+    address = GEMM_ADDRESS.get(dtype)
+    if (address is not None and M > THIN_ROWS and rows.dtype == weight_t.dtype == dtype
+            and all(a.flags.c_contiguous for a in (rows, weight_t, out))):
+        start_numba_threads()
+        if _recorded is not None:
+            _recorded.append((M, weight_t))
+        with blas_single_threaded_parts() as parts:
+            _bands_in_pool(address, rows, weight_t, out, np.zeros(0, dtype), out, Band.PRODUCT, parts,
+                           dtype == np.float32, column0)
+        return
+    product = np.empty((M, N), dtype)
+    _product(rows, weight_t, product, Band.PRODUCT, np.zeros(0, dtype))
+    out[:, column0:column0 + N] = product
 
 
 # ---- for measuring: bench/bound.py ------------------------------------------------------------
