@@ -34,7 +34,7 @@ torch = pytest.importorskip("torch")
 
 # (M rows of x, N outputs, K inputs): one row; K under, at, a little over and far over a group;
 # tails of 1 and 31; GPT-2's widths.
-SHAPES = [(1, 1, 32), (1, 5, 100), (3, 7, 33), (8, 64, 768), (4, 3, 31), (5, 17, 200), (2, 9, 3072 + 1), (7, 3, 64)]
+SHAPES = [(1, 1, 32), (1, 5, 100), (1, 300, 64), (1, 513, 40), (3, 7, 33), (8, 64, 768), (4, 3, 31), (5, 17, 200), (2, 9, 3072 + 1), (7, 3, 64)]
 
 
 def _random(shape, seed=0, scale=1.0):

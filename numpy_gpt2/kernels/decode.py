@@ -52,22 +52,49 @@ def dot_rows(row, x, out, n):
         m += 1
 
 
+@numba.njit(inline="always", **FAST)
+def dot_two_rows(row_a, row_b, x_row, out, n_a, n_b):
+    """out[0, n_a], out[0, n_b] = row_a @ x_row, row_b @ x_row: two weight rows (as
+    `stored.weight_row` gives them) against one row of x, in one loop."""
+    s_a = s_b = out.dtype.type(0)
+    for k in range(len(x_row)):
+        s_a += weight(row_a, k) * x_row[k]
+        s_b += weight(row_b, k) * x_row[k]
+    out[0, n_a], out[0, n_b] = s_a, s_b
+
+
 @numba.njit(**PARALLEL)
 def few_rows_matmul(x, weight_t, out):
     """out: [M, N] = x: [M, K] @ weight_t.T, weight_t: [N, K] stored as `stored` reads (float
     rows, bfloat16 bits, float16 bits standing for the values times 2**-112, or int8's (q,
     scales)), for a few rows M (see FEW_ROWS).
 
-    Threads take blocks of the weight's rows, so each thread reads one contiguous stream through
-    memory; each row is read once and dotted with four rows of x at a time while it sits in L1
-    (`dot_rows`).
+    The weight's rows are cut into blocks, and threads take blocks, so each thread reads
+    contiguous runs through memory; each row is read once and dotted with four rows of x at a
+    time while it sits in L1 (`dot_rows`). With one row of x (a step of one sequence) a thread
+    takes two blocks far apart at once, a row of each in one loop (`dot_two_rows`): two streams
+    through memory keep more reads in flight than one, which narrow weights, doing more work a
+    byte, need to stream near float32's rate (bench/EXPERIMENTS.md: two rows of one block
+    instead are slower).
     """
+    M = x.shape[0]
     N = out.shape[1]
     n_blocks = min(N, 256)
     per_block = (N + n_blocks - 1) // n_blocks
-    for block in numba.prange(n_blocks):
-        for n in range(block * per_block, min(N, (block + 1) * per_block)):
-            dot_rows(weight_row(weight_t, n), x, out, n)
+    if M == 1:
+        half = (n_blocks + 1) // 2
+        x_row = x[0]
+        for pair in numba.prange(half):
+            for i in range(per_block):
+                n_a, n_b = pair * per_block + i, (pair + half) * per_block + i
+                if n_b < N:
+                    dot_two_rows(weight_row(weight_t, n_a), weight_row(weight_t, n_b), x_row, out, n_a, n_b)
+                elif n_a < N:
+                    dot_rows(weight_row(weight_t, n_a), x, out, n_a)
+    else:
+        for block in numba.prange(n_blocks):
+            for n in range(block * per_block, min(N, (block + 1) * per_block)):
+                dot_rows(weight_row(weight_t, n), x, out, n)
 
 
 def rows_matmul(x, rows, out):
