@@ -26,8 +26,9 @@ bytes a second that gives, the tokens a second it allows, and the rest of the st
 less the matrices'); and the kernel's arithmetic rate with one 2304 x 768 matrix held in cache,
 which caps tokens a second at that rate over the step's 124 M multiply-adds. For each narrow
 format whose decode row misses, a line splits its step and float32's that way.
-Peak RSS: the process around the weights, and the part of it that importing Python, NumPy,
-Numba and LLVM takes before anything is loaded.
+Peak RSS: the process around the weights (float32's peak less its matrices), and what each
+phase of a generate adds to the resident memory (Python, NumPy, Numba and LLVM, the package,
+the tokenizer, the weights, the generate with its compiled loops).
 
 Writes bench/results/narrow-latest.md and narrow-latest.json (atomically), and prints the table.
 """
@@ -37,6 +38,7 @@ import datetime
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -96,7 +98,8 @@ def interleaved_decode(loaded: dict, ids, new_tokens: int, repeats: int) -> tupl
     in turn (the order rotating every slice), timing the steps after the first new token; after
     each slice, every format's step matrices streamed alone once (`StepMatrices`), in turn too.
     -> (run.run_case's entries per format, with "ratios": each narrow format's median over the
-    rounds of float32's seconds over its own; and the bounds per format: the matrices' bytes,
+    rounds of float32's seconds over its own, and each format's tokens of the last round; and
+    the bounds per format: the matrices' bytes,
     their median time alone, and "rest_seconds": the median over the rounds of a step's time
     less its matrices' time alone in that round)."""
     import numpy as np
@@ -110,8 +113,7 @@ def interleaved_decode(loaded: dict, ids, new_tokens: int, repeats: int) -> tupl
     alone = {w: [] for w in WEIGHTS}
     for _ in range(repeats):
         streams = {w: loaded[w].model.stream(ids, new_tokens + 1, eos_token_id=None) for w in WEIGHTS}
-        for w in WEIGHTS:
-            next(streams[w])  # the prompt's pass and first token, untimed
+        made = {w: [next(streams[w])] for w in WEIGHTS}  # the prompt's pass and first token, untimed
         spent, streamed = dict.fromkeys(WEIGHTS, 0.0), {w: [] for w in WEIGHTS}
         order = list(WEIGHTS)
         with measure.quiet_gc():
@@ -119,7 +121,7 @@ def interleaved_decode(loaded: dict, ids, new_tokens: int, repeats: int) -> tupl
                 for w in order:
                     start = time.perf_counter()
                     for _ in range(min(SLICE, new_tokens - done)):
-                        next(streams[w])
+                        made[w].append(next(streams[w]))
                     spent[w] += time.perf_counter() - start
                 for w in order:
                     streamed[w].append(matrices[w].run())
@@ -131,7 +133,8 @@ def interleaved_decode(loaded: dict, ids, new_tokens: int, repeats: int) -> tupl
     for w in WEIGHTS:
         rates = [ids.shape[0] * new_tokens / s for s in seconds[w]]
         result[w] = {"seconds": seconds[w], "tokens_per_s": rates, "median": measure.median(rates),
-                     "best": max(rates), "new_tokens": new_tokens + 1, "slice_steps": SLICE}
+                     "best": max(rates), "new_tokens": new_tokens + 1, "slice_steps": SLICE,
+                     "tokens": np.stack(made[w], axis=1).tolist()}
     result["ratios"] = {w: measure.median([f / n for f, n in zip(seconds["float32"], seconds[w])]) for w in NARROW}
     bounds = {}
     for w, m in matrices.items():
@@ -163,6 +166,39 @@ def compute_bound(weights: str, macs_per_step: int, repeats: int) -> dict:
         best = min(best, time.perf_counter() - start)
     rate = rows.size / best
     return {"macs_per_s": rate, "tokens_per_s_ceiling": rate / macs_per_step}
+
+
+# The process around the weights, phase by phase, as `numpy-gpt2 generate` goes through them:
+# resident memory (VmRSS) after each, printed as JSON.
+_RSS_PHASES = """
+import json, sys
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+phases = {"python": rss()}
+import numpy
+phases["numpy"] = rss()
+import numba
+phases["numba and LLVM"] = rss()
+import numpy_gpt2.kernels
+from numpy_gpt2 import GPT2, Tokenizer
+phases["numpy_gpt2"] = rss()
+ids = Tokenizer.default().encode(sys.argv[3])
+phases["tokenizer"] = rss()
+model = GPT2.from_pretrained(sys.argv[1], weights=sys.argv[2])
+phases["weights loaded"] = rss()
+model.generate(numpy.array(ids), max_new_tokens=int(sys.argv[4]), do_sample=False)
+phases["generated"] = rss()
+print(json.dumps(phases))
+"""
+
+
+def rss_phases(path, weights: str, new_tokens: int) -> dict:
+    """Resident memory after each phase of a generate with `weights`, in a fresh process:
+    phase -> bytes (see _RSS_PHASES)."""
+    done = subprocess.run([sys.executable, "-c", _RSS_PHASES, str(path), weights, run.PROMPT, str(new_tokens)],
+                          capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def peak_rss(path, weights: str, new_tokens: int, repeats: int) -> dict:
@@ -245,12 +281,18 @@ def table(results: dict) -> str:
         rest = results["peak_rss"]["float32"]["median"] - results["bounds"]["float32"]["bytes_per_step"]
         floors = {w: (rest + results["bounds"][w]["bytes_per_step"]) / results["peak_rss"]["float32"]["median"]
                   for w in NARROW}
-        imports = results["peak_rss"].get("imports")
-        of_which = (f", of which {run._mib(imports)} is Python, NumPy, Numba and LLVM imported with nothing loaded "
-                    "(`python -c 'import numpy_gpt2.kernels'`)" if imports else "")
-        lines += ["", f"What bounds peak RSS: float32's process less its matrices is {run._mib(rest)}{of_which}; with "
+        lines += ["", f"What bounds peak RSS: float32's process less its matrices is {run._mib(rest)}; with "
                   "the narrow matrices' bytes added that floor is " + ", ".join(f"{w} {r:.2f}x" for w, r in floors.items())
                   + " of float32's peak."]
+        phases = results["peak_rss"].get("phases")
+        if phases:
+            lines += ["", "Resident memory as a generate goes (each phase's growth; a fresh process each):", "",
+                      "| phase | " + " | ".join(phases) + " |", "|---|" + "---:|" * len(phases)]
+            names = list(next(iter(phases.values())))
+            for i, name in enumerate(names):
+                cells = [run._mib(p[name] - (p[names[i - 1]] if i else 0)) for p in phases.values()]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("| total | " + " | ".join(run._mib(p[names[-1]]) for p in phases.values()) + " |")
     lines += ["", *(f"- {n}" for n in results["notes"])] if results["notes"] else []
     lines += ["", run.machine_line(results)]
     return "\n".join(lines) + "\n"
@@ -325,9 +367,7 @@ def main(argv=None) -> int:
         rss = {w: peak_rss(path, w, sizes.rss_new_tokens, repeats) for w in WEIGHTS}
         rss["ratios"] = {w: rss[w]["median"] / rss["float32"]["median"] for w in NARROW}
         rss["status"] = run._status(all(rss["ratios"][w] <= RSS_TARGETS[w] for w in RSS_TARGETS))
-        # Part of the process around the weights: Python, NumPy, Numba and LLVM, nothing loaded.
-        rss["imports"] = measure.median([measure.peak_rss_bytes([sys.executable, "-c", "import numpy_gpt2.kernels"])
-                                         for _ in range(repeats)])
+        rss["phases"] = {w: rss_phases(path, w, sizes.rss_new_tokens) for w in ("float32", "int8")}
         results["peak_rss"] = rss
     results["load_average"]["end"] = os.getloadavg()
     results["machine"] = run.machine_info(args.threads)

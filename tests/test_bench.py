@@ -160,15 +160,19 @@ def test_score_quick_run_writes_results(tiny_ref, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["score-latest.json", "score-latest.md"]
 
 
-@pytest.fixture(scope="module")
-def bound():
-    """bench/bound.py as a module, with bench/ importable for its `measure` import."""
+def _bench_module(name: str):
+    """bench/NAME.py as a module, with bench/ importable for its own imports (`measure`, `run`)."""
     sys.path.insert(0, str(BENCH))
     try:
-        import bound
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
-    return bound
+
+
+@pytest.fixture(scope="module")
+def bound():
+    """bench/bound.py as a module."""
+    return _bench_module("bound")
 
 
 def _torch_flops_by_op(torch_model, ids):
@@ -265,3 +269,53 @@ def test_serve_quick_run_writes_results(tmp_path):
     assert ">= 0.90x" in table and ">= 2.5x" in table and "time to first token" in table
     assert table.strip() in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["serve-latest.json", "serve-latest.md"]
+
+
+@pytest.fixture(scope="module")
+def narrow_bench():
+    """bench/narrow.py as a module."""
+    return _bench_module("narrow")
+
+
+class _Engine:
+    """What bench/narrow.py needs of an engine: the model, and a decode to warm it up."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def decode(self, ids, n_new):
+        return 0.0, self.model.generate(ids, max_new_tokens=n_new, do_sample=False, eos_token_id=None)
+
+
+def test_narrow_formats_decoding_in_turn_make_each_one_s_own_tokens(narrow_bench, tiny_ref, monkeypatch):
+    # Reference: each format's greedy `generate` alone (the formats' models are held to
+    # transformers in test_narrow.py). Four models decoding in slices of 3 steps, taking turns,
+    # must not disturb one another; and the step's matrices counted are every matrix once.
+    monkeypatch.setattr(narrow_bench, "SLICE", 3)
+    models = {w: GPT2.from_pretrained(tiny_ref.hub_dir, weights=w) for w in narrow_bench.WEIGHTS}
+    ids = np.array([[5, 17, 3, 99]])
+    measured, bounds = narrow_bench.interleaved_decode({w: _Engine(m) for w, m in models.items()}, ids, 10, 2)
+    for w, model in models.items():
+        alone = model.generate(ids, max_new_tokens=11, do_sample=False, eos_token_id=None)[:, 4:]
+        assert measured[w]["tokens"] == alone.tolist(), w
+        matrices = [b.attn.c_attn.weight for b in model.h] + [b.attn.c_proj.weight for b in model.h] + \
+            [b.mlp.c_fc.weight for b in model.h] + [b.mlp.c_proj.weight for b in model.h] + [model.wte]
+        assert bounds[w]["bytes_per_step"] == sum(m.nbytes for m in matrices), w
+        assert bounds[w]["macs_per_step"] == sum(int(np.prod(m.shape)) for m in matrices), w
+    assert set(measured["ratios"]) == set(narrow_bench.NARROW)
+
+
+def test_narrow_bounds_explain_exactly_the_decode_rows_that_miss(narrow_bench):
+    bounds = {w: {"bytes_per_step": b, "seconds": s, "bytes_per_s": b / s, "rest_seconds": 0.001,
+                  "macs_per_step": 124e6, "compute": {"macs_per_s": 40e9}}
+              for w, b, s in [("float32", 494e6, 0.012), ("bfloat16", 247e6, 0.008), ("float16", 247e6, 0.006),
+                              ("int8", 139e6, 0.004)]}
+    results = {"bounds": bounds, "cases": [{"kind": "decode", "ratios": {"bfloat16": 1.44, "float16": 1.86, "int8": 2.6},
+                                            "targets": narrow_bench.DECODE_TARGETS}]}
+    lines = narrow_bench.decode_bounds(results)
+    assert len(lines) == 2 and lines[1].startswith("- bfloat16 decodes at 1.44x, short of 1.7x")
+    # 247 MB in 8 ms against float32's 494 MB in 12 ms: 0.75 of its rate; at float32's rate
+    # the step would be 6 + 1 ms against float32's 13: 1.86x.
+    assert "stream at 0.75 of float32's rate" in lines[1] and "7.0 ms, 1.86x" in lines[1]
+    results["cases"][0]["ratios"]["bfloat16"] = 1.7
+    assert narrow_bench.decode_bounds(results) == []
