@@ -3,9 +3,9 @@ block in one Numba call.
 
 A decoding step reads every weight once per token, so its speed is that of streaming the
 weights through memory. The model stores each matrix as [out, in] rows (`weight_t`, see
-`common.transposed_contiguous`), so `few_rows_matmul` gives each thread one contiguous run of
-rows to dot with x. Up to FEW_ROWS rows a step runs each block as one call (`decode_block`),
-the same loops with no Python between them.
+`common.transposed_contiguous`), so `few_rows_matmul` gives each thread contiguous runs of
+rows to dot with x, whatever the format they are stored in (`stored`). Up to FEW_ROWS rows a
+step runs each block as one call (`decode_block`), the same loops with no Python between them.
 
 Threads: all of a step's parallel loops run in Numba's pool. Two pools taking turns fight for
 the cores, because each one's idle workers spin for a while after their last task: Numba's
