@@ -382,8 +382,8 @@ class StepThreads:
     The loop reads what the kernel counts rather than timing itself (a step's time says little:
     the memory bandwidth it depends on swings from one moment to the next):
     - on all threads, over a window of steps: the time our threads waited runnable for a core
-      against the time they ran (the run queue's wait, /proc/self/task/*/schedstat). A quarter
-      means a core is taken: go to one thread. A program of lower priority (nice) yields the
+      against the time they ran (the run queue's wait, /proc/self/task/*/schedstat). Above
+      0.3 (_WAIT_SHARE) a core is taken: go to one thread. A program of lower priority (nice) yields the
       core when our thread wakes, so it barely shows, and the loop keeps all threads.
     - on one thread: the machine's free time (/proc/stat: idle, and programs of lower
       priority; our own time not counted). Once about a core is free, try all threads again,

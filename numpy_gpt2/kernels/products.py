@@ -92,17 +92,31 @@ def _weight_bands_in_pool(address, rows, weight_t, out_t, parts):
 _recorded = None  # a list while `recorded_products` is active
 
 
+def _begin(M: int, weight_t) -> None:
+    """What every product does first: Numba's threads started, the product recorded (see
+    `recorded_products`)."""
+    start_numba_threads()
+    if _recorded is not None:
+        _recorded.append((M, weight_t))
+
+
+def _gemm_address(rows, weight_t, out):
+    """The address of the BLAS's ?gemm for out's dtype when the three arrays suit it (that
+    dtype, C-contiguous), else None: the callers' other paths."""
+    address = GEMM_ADDRESS.get(out.dtype.type)
+    if address is None or not rows.dtype == weight_t.dtype == out.dtype:
+        return None
+    return address if all(a.flags.c_contiguous for a in (rows, weight_t, out)) else None
+
+
 def _product(rows, weight_t, out, band, bias, product=None):
     """out: [M, N] from rows: [M, K] @ weight_t.T as `band` says (see `Band`), by the path for M
     rows (see the module's docstring); product: [M, N] scratch for Band.THEN_GELU."""
     M, N = len(rows), weight_t.shape[0]
-    start_numba_threads()
-    if _recorded is not None:
-        _recorded.append((M, weight_t))
+    _begin(M, weight_t)
     dtype = out.dtype.type
-    address = GEMM_ADDRESS.get(dtype)
-    blas = (address is not None and rows.dtype == weight_t.dtype == dtype
-            and all(a.flags.c_contiguous for a in (rows, weight_t, out)))
+    address = _gemm_address(rows, weight_t, out)
+    blas = address is not None
     if blas and M > THIN_ROWS:
         with blas_single_threaded_parts() as parts:
             _bands_in_pool(address, rows, weight_t, out, bias, out if product is None else product, band, parts,
@@ -214,12 +228,9 @@ def product_into_columns(rows, weight_t, out, column0):
     directly, the row stride out's; else the band's product is made and copied in."""
     M, N = len(rows), weight_t.shape[0]
     dtype = out.dtype.type
-    address = GEMM_ADDRESS.get(dtype)
-    if (address is not None and M > THIN_ROWS and rows.dtype == weight_t.dtype == dtype
-            and all(a.flags.c_contiguous for a in (rows, weight_t, out))):
-        start_numba_threads()
-        if _recorded is not None:
-            _recorded.append((M, weight_t))
+    address = _gemm_address(rows, weight_t, out)
+    if address is not None and M > THIN_ROWS:
+        _begin(M, weight_t)
         with blas_single_threaded_parts() as parts:
             _bands_in_pool(address, rows, weight_t, out, np.zeros(0, dtype), out, Band.PRODUCT, parts,
                            dtype == np.float32, column0)
